@@ -1,0 +1,2 @@
+"""lmtrain: word-level LSTM language models in readable numpy."""
+__version__ = "0.1.0"
