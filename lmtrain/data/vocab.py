@@ -1,0 +1,69 @@
+"""Word <-> id mapping, built from the training split only."""
+from collections import Counter
+
+import numpy as np
+
+UNK = "<unk>"
+EOS = "<eos>"
+
+
+class Vocab:
+    """A fixed list of words; id i is ``words[i]``.
+
+    ``<unk>`` and ``<eos>`` are always present.  Words outside the list encode
+    as ``<unk>``.  ``lowercase`` is part of the vocabulary because anything
+    encoded later (a prompt, a user's file) must be normalised the same way.
+    """
+
+    def __init__(self, words, lowercase=False):
+        self.words = list(words)
+        self.lowercase = bool(lowercase)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        if len(self.index) != len(self.words):
+            raise ValueError("vocabulary has repeated words")
+        for special in (UNK, EOS):
+            if special not in self.index:
+                raise ValueError(f"vocabulary lacks {special}")
+        self.unk_id = self.index[UNK]
+        self.eos_id = self.index[EOS]
+
+    @classmethod
+    def build(cls, counts, min_freq=1, max_size=None, lowercase=False):
+        """Keep words seen at least ``min_freq`` times, most frequent first.
+
+        Ties are broken by the word itself, so the same corpus always gives the
+        same ids.  ``max_size`` counts the specials.
+        """
+        counts = Counter({w: c for w, c in counts.items() if w not in (UNK, EOS)})
+        ranked = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+        words = [EOS, UNK] + ranked
+        if max_size is not None:
+            words = words[:max_size]
+        return cls(words, lowercase=lowercase)
+
+    def __len__(self):
+        return len(self.words)
+
+    def __eq__(self, other):
+        return isinstance(other, Vocab) and self.words == other.words and self.lowercase == other.lowercase
+
+    def normalize(self, token):
+        return token.lower() if self.lowercase else token
+
+    def encode(self, tokens):
+        index, unk = self.index, self.unk_id
+        return np.fromiter((index.get(t, unk) for t in tokens), dtype=np.int32, count=len(tokens))
+
+    def decode(self, ids):
+        return [self.words[int(i)] for i in ids]
+
+    def unknown(self, tokens):
+        """The tokens (already normalised) that would encode as <unk>."""
+        return [t for t in tokens if t not in self.index]
+
+    def to_dict(self):
+        return {"words": self.words, "lowercase": self.lowercase}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["words"], lowercase=d.get("lowercase", False))
