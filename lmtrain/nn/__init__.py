@@ -1,0 +1,1 @@
+"""Layers, recurrent cells and the language model, each with an explicit backward."""

@@ -1,0 +1,83 @@
+"""The numpy model against PyTorch's nn.LSTM, an independent implementation (skipped without torch)."""
+import numpy as np
+import pytest
+
+from lmtrain.config import ModelConfig
+from lmtrain.nn.model import LanguageModel
+from lmtrain.optim import clip_grad_norm
+
+torch = pytest.importorskip("torch")
+
+# lmtrain's gate blocks are f, i, o, g; PyTorch's are i, f, g, o.
+TORCH_ORDER = [1, 0, 3, 2]
+
+
+def to_torch_gates(w, H):
+    """(D, 4H) in f,i,o,g column blocks -> (4H, D) in PyTorch's row blocks."""
+    blocks = [w[..., k * H:(k + 1) * H] for k in range(4)]
+    return np.concatenate([blocks[k] for k in TORCH_ORDER], axis=-1).T
+
+
+class TorchLM(torch.nn.Module):
+    def __init__(self, model, cfg, V):
+        super().__init__()
+        H, E = cfg.hidden_size, cfg.emb_size
+        p = {k: v.astype(np.float64) for k, v in model.params.items()}
+        self.emb = torch.nn.Embedding(V, E)
+        self.lstm = torch.nn.LSTM(E, H, num_layers=cfg.num_layers)
+        self.dec = torch.nn.Linear(H, V)
+        self.double()
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.from_numpy(p["embedding.weight"]))
+            for i in range(cfg.num_layers):
+                getattr(self.lstm, f"weight_ih_l{i}").copy_(torch.from_numpy(to_torch_gates(p[f"rnn.{i}.weight_x"], H)))
+                getattr(self.lstm, f"weight_hh_l{i}").copy_(torch.from_numpy(to_torch_gates(p[f"rnn.{i}.weight_h"], H)))
+                getattr(self.lstm, f"bias_ih_l{i}").copy_(torch.from_numpy(to_torch_gates(p[f"rnn.{i}.bias"], H)))
+                # one bias, as lmtrain has: PyTorch's second copy stays at zero
+                getattr(self.lstm, f"bias_hh_l{i}").zero_()
+                getattr(self.lstm, f"bias_hh_l{i}").requires_grad_(False)
+            if cfg.tie_weights:
+                self.dec.weight = self.emb.weight
+            else:
+                self.dec.weight.copy_(torch.from_numpy(p["decoder.weight"].T))
+            self.dec.bias.copy_(torch.from_numpy(p["decoder.bias"]))
+
+    def forward(self, x, state):
+        out, state = self.lstm(self.emb(x), state)
+        return self.dec(out), state
+
+
+@pytest.mark.parametrize("tied,layers", [(False, 1), (True, 2)])
+def test_training_matches_pytorch(tied, layers):
+    """Three windows of SGD with clipping, state carried: every loss agrees to float64 precision."""
+    cfg = ModelConfig(emb_size=16, hidden_size=16, num_layers=layers, tie_weights=tied, init="pytorch",
+                      forget_bias=1.0)
+    V, T, B = 50, 7, 4
+    ours = LanguageModel(cfg, V, seed=5, dtype="float64")
+    ref = TorchLM(ours, cfg, V)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, V, size=(3 * T + 1, B)).astype(np.int32)
+    state = ours.init_state(B)
+    tstate = None
+    for k in range(3):
+        x, y = stream[k * T:(k + 1) * T], stream[k * T + 1:(k + 1) * T + 1]
+        logits, state = ours.forward(x, state, train=True)
+        loss = ours.loss(logits, y)
+        ours.backward()
+        norm = clip_grad_norm(ours.grads, 0.1)
+        for name, p in ours.params.items():
+            p -= 0.5 * ours.grads[name]
+
+        if tstate is not None:
+            tstate = tuple(s.detach() for s in tstate)
+        tlogits, tstate = ref(torch.from_numpy(x.astype(np.int64)), tstate)
+        tloss = torch.nn.functional.cross_entropy(tlogits.reshape(-1, V), torch.from_numpy(y.astype(np.int64)).reshape(-1))
+        opt.zero_grad()
+        tloss.backward()
+        tnorm = torch.nn.utils.clip_grad_norm_(params, 0.1)
+        opt.step()
+        assert loss == pytest.approx(tloss.item(), rel=1e-10)
+        assert norm == pytest.approx(tnorm.item(), rel=1e-8)
+    np.testing.assert_allclose(ours.params["embedding.weight"], ref.emb.weight.detach().numpy(), rtol=1e-8, atol=1e-10)

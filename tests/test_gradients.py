@@ -1,0 +1,186 @@
+"""Every backward pass against central finite differences in float64 (relative error < 1e-6)."""
+import numpy as np
+import pytest
+
+from lmtrain.config import ModelConfig
+from lmtrain.nn.cells import LSTMCell, Recurrent
+from lmtrain.nn.layers import Dropout, Embedding, Linear, SoftmaxCrossEntropy
+from lmtrain.nn.model import LanguageModel
+from tests.gradcheck import numerical_grad, rel_error
+
+TOL = 1e-6
+
+
+def check_layer(layer, forward, inputs, out_shape_fn, seed=0):
+    """Generic check: loss = sum(forward(*inputs) * R) for a fixed random R.
+
+    Compares the gradients of every parameter and of every float input.
+    """
+    rng = np.random.default_rng(seed)
+    out = forward(*inputs)
+    R = rng.standard_normal(out.shape)
+
+    def loss():
+        return float(np.sum(forward(*inputs) * R))
+
+    forward(*inputs)
+    dx = layer.backward(R.copy())
+    for name, p in layer.params.items():
+        analytic = layer.grads[name].copy()
+        assert rel_error(analytic, numerical_grad(loss, p)) < TOL, name
+    for k, x in enumerate(inputs):
+        if isinstance(x, np.ndarray) and x.dtype == np.float64:
+            forward(*inputs)
+            dx = layer.backward(R.copy())
+            assert rel_error(dx, numerical_grad(loss, x)) < TOL, f"input {k}"
+
+
+def test_linear():
+    rng = np.random.default_rng(1)
+    layer = Linear(rng.standard_normal((5, 7)), rng.standard_normal(7))
+    check_layer(layer, layer.forward, [rng.standard_normal((6, 5))], None)
+
+
+def test_linear_transposed():
+    rng = np.random.default_rng(2)
+    layer = Linear(rng.standard_normal((7, 5)), rng.standard_normal(7), transposed=True)
+    check_layer(layer, layer.forward, [rng.standard_normal((6, 5))], None)
+
+
+def test_embedding_with_repeated_ids():
+    rng = np.random.default_rng(3)
+    layer = Embedding(rng.standard_normal((6, 4)))
+    ids = np.array([[1, 2], [1, 1], [5, 0]])  # repeats must add up
+    check_layer(layer, layer.forward, [ids], None)
+
+
+def test_dropout_fixed_mask():
+    rng = np.random.default_rng(4)
+    layer = Dropout(0.4, np.random.default_rng(0))
+    x = rng.standard_normal((3, 2, 5))
+    layer.forward(x, True)
+    layer.frozen = True
+    check_layer(layer, lambda x: layer.forward(x, True), [x], None)
+    assert (layer.mask == 0).any() and (layer.mask != 0).any()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_softmax_cross_entropy(weighted):
+    rng = np.random.default_rng(5)
+    layer = SoftmaxCrossEntropy()
+    logits = rng.standard_normal((6, 9))
+    targets = rng.integers(0, 9, size=6)
+    weights = np.array([1, 1, 0, 1, 0, 1.0]) if weighted else None
+
+    def loss():
+        return layer.forward(logits.copy(), targets, weights)[0]
+
+    loss()
+    analytic = layer.backward()
+    assert rel_error(analytic, numerical_grad(loss, logits)) < TOL
+
+
+def test_lstm_cell_step():
+    """One step of the cell, through its pre-activations and previous cell state."""
+    rng = np.random.default_rng(6)
+    B, H = 3, 4
+    cell = LSTMCell(H)
+    a = rng.standard_normal((B, 4 * H))
+    c_prev = rng.standard_normal((B, H))
+    Rh, Rc = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+
+    def run():
+        act = a.copy()
+        c, tc, h = np.empty((B, H)), np.empty((B, H)), np.empty((B, H))
+        cell.step_forward(act, c_prev, c, tc, h)
+        return act, c, tc, h
+
+    def loss():
+        _, c, _, h = run()
+        return float(np.sum(h * Rh) + np.sum(c * Rc))
+
+    act, c, tc, h = run()
+    da = np.empty_like(a)
+    dc_prev = cell.step_backward(act, c_prev, tc, Rh.copy(), Rc.copy(), da)
+    assert rel_error(da, numerical_grad(loss, a)) < TOL
+    assert rel_error(dc_prev, numerical_grad(loss, c_prev)) < TOL
+
+
+def test_lstm_equations_against_reference():
+    """The fused, in-place step equals the textbook equations written out gate by gate."""
+    rng = np.random.default_rng(7)
+    B, D, H = 2, 3, 4
+    layer = Recurrent(rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H))
+    x = rng.standard_normal((5, B, D))
+    h, c = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    out, (hT, cT) = layer.forward(x, (h, c))
+    Wx, Wh, b = (layer.params[k] for k in ("weight_x", "weight_h", "bias"))
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    for t in range(5):
+        a = x[t] @ Wx + h @ Wh + b
+        f, i, o, g = sig(a[:, :H]), sig(a[:, H:2 * H]), sig(a[:, 2 * H:3 * H]), np.tanh(a[:, 3 * H:])
+        c = f * c + i * g
+        h = o * np.tanh(c)
+        np.testing.assert_allclose(out[t], h, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hT, h, rtol=1e-12)
+    np.testing.assert_allclose(cT, c, rtol=1e-12)
+
+
+def test_recurrent_window_with_state():
+    """Parameters, inputs and the initial (h, c), with gradients arriving at (h_T, c_T) too."""
+    rng = np.random.default_rng(8)
+    T, B, D, H = 4, 2, 3, 5
+    layer = Recurrent(rng.standard_normal((D, 4 * H)) * 0.5, rng.standard_normal((H, 4 * H)) * 0.5,
+                      rng.standard_normal(4 * H) * 0.5)
+    x = rng.standard_normal((T, B, D))
+    h0, c0 = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    R, RhT, RcT = rng.standard_normal((T, B, H)), rng.standard_normal((B, H)), rng.standard_normal((B, H))
+
+    def loss():
+        out, (hT, cT) = layer.forward(x, (h0, c0))
+        return float(np.sum(out * R) + np.sum(hT * RhT) + np.sum(cT * RcT))
+
+    loss()
+    dx, (dh0, dc0) = layer.backward(R.copy(), (RhT, RcT))
+    analytic = {k: g.copy() for k, g in layer.grads.items()}
+    for name, p in layer.params.items():
+        assert rel_error(analytic[name], numerical_grad(loss, p)) < TOL, name
+    assert rel_error(dx, numerical_grad(loss, x)) < TOL
+    assert rel_error(dh0, numerical_grad(loss, h0)) < TOL
+    assert rel_error(dc0, numerical_grad(loss, c0)) < TOL
+
+
+@pytest.mark.parametrize("tied,dropout,layers", [(True, 0.3, 2), (False, 0.0, 1), (False, 0.5, 2)])
+def test_whole_model_across_two_windows(tied, dropout, layers):
+    """The full model, second window continuing the first one's state (held fixed, as truncated BPTT does)."""
+    cfg = ModelConfig(emb_size=6, hidden_size=6, num_layers=layers, dropout=dropout, tie_weights=tied,
+                      init="uniform", init_scale=0.5)
+    V, T, B = 13, 4, 3
+    model = LanguageModel(cfg, V, seed=3, dtype="float64")
+    rng = np.random.default_rng(9)
+    stream = rng.integers(0, V, size=(2 * T + 1, B))
+    x1, y1 = stream[:T], stream[1:T + 1]
+    x2, y2 = stream[T:2 * T], stream[T + 1:]
+
+    for x, y, state in [(x1, y1, model.init_state(B)), (x2, y2, None)]:
+        if state is None:  # the second window starts from the first one's final state
+            logits, state = model.forward(x1, model.init_state(B), train=True)
+            model.loss(logits, y1)
+        state = [tuple(s.copy() for s in pair) for pair in state]
+        logits, _ = model.forward(x, state, train=True)  # samples the dropout masks
+        model.freeze_dropout()
+
+        def loss():
+            logits, _ = model.forward(x, state, train=True)
+            return model.loss(logits, y)
+
+        loss()
+        dstate = model.backward()
+        analytic = {k: g.copy() for k, g in model.grads.items()}
+        for name, p in model.params.items():
+            err = rel_error(analytic[name], numerical_grad(loss, p))
+            assert err < TOL, (name, err)
+        for layer, (dh0, dc0) in enumerate(dstate):
+            assert rel_error(dh0, numerical_grad(loss, state[layer][0])) < TOL
+            assert rel_error(dc0, numerical_grad(loss, state[layer][1])) < TOL
+        model.freeze_dropout(False)
