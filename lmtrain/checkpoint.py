@@ -1,0 +1,152 @@
+"""Checkpoints: one .npz of named arrays, readable with numpy.load(path, allow_pickle=False).
+
+Entries (see docs/checkpoint-format.md):
+  meta           0-d unicode array: JSON text (format version, resolved config,
+                 vocabulary, epoch, step, metrics, optimizer scalars)
+  param/<name>   every model parameter
+  optim/<name>   every optimizer state array (momentum, Adam moments)
+  sha256         0-d unicode array: SHA-256 over every other entry
+
+Files are written to a temporary name in the same directory, flushed to disk
+and renamed over the target, so a crash leaves either the old file or the new
+one, never half of one.
+"""
+import hashlib
+import json
+import os
+import zipfile
+import zlib
+
+import numpy as np
+
+from lmtrain.backend import to_numpy
+from lmtrain.config import from_dict
+from lmtrain.data.vocab import Vocab
+from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
+from lmtrain.nn.model import LanguageModel
+
+FORMAT = "lmtrain-checkpoint"
+FORMAT_VERSION = 1
+GATE_ORDER = "f,i,o,g"
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def atomic_write(path, write):
+    """Call ``write(fileobj)`` on a temporary file, then rename it to ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path, params, meta, optim_arrays=None):
+    """Write parameters, optimizer arrays and JSON metadata to ``path`` atomically."""
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, gate_order=GATE_ORDER,
+                param_names=list(params))
+    arrays = {"meta": np.array(json.dumps(meta))}
+    for name, value in params.items():
+        arrays[f"param/{name}"] = to_numpy(value)
+    for name, value in (optim_arrays or {}).items():
+        arrays[f"optim/{name}"] = to_numpy(value)
+    arrays["sha256"] = np.array(_digest(arrays))
+    try:
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    except OSError as err:
+        raise LmtrainError(f"cannot write checkpoint {path}: {err.strerror or err}", exit_code=1) from None
+
+
+class Checkpoint:
+    def __init__(self, path, meta, params, optim):
+        self.path, self.meta, self.params, self.optim = path, meta, params, optim
+
+
+def load_checkpoint(path):
+    """Read and verify a checkpoint; anything unexpected is a one-line CheckpointError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a directory: {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path} is a single .npy array, not an lmtrain checkpoint")
+        with z:
+            arrays = {}
+            for name in z.files:
+                try:
+                    arrays[name] = z[name]
+                except ValueError as err:
+                    if "allow_pickle" in str(err) or "Object arrays" in str(err):
+                        raise CheckpointError(f"{path} holds a pickled object in '{name}'; lmtrain never loads "
+                                              "pickles (they can run code), so the file is refused") from None
+                    raise
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as err:
+        raise CheckpointError(f"{path} is not a readable .npz file (truncated or corrupt?): "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if "meta" not in arrays:
+        raise CheckpointError(f"{path} is not an lmtrain checkpoint (it has no 'meta' entry)")
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path} is not an lmtrain checkpoint (its 'meta' entry is not JSON)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an lmtrain checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {meta.get('format_version')!r}; "
+                              f"this lmtrain reads version {FORMAT_VERSION}")
+    stored = arrays.pop("sha256", None)
+    if stored is None or str(stored) != _digest(arrays):
+        raise CheckpointError(f"{path} fails its SHA-256 check: the file was modified or damaged")
+    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
+    missing = [n for n in meta.get("param_names", []) if n not in params]
+    if missing:
+        raise CheckpointError(f"{path} lacks parameter '{missing[0]}'")
+    return Checkpoint(path, meta, params, optim)
+
+
+def model_from_checkpoint(ckpt):
+    """(model, vocab, config) rebuilt from a loaded checkpoint, with every shape checked."""
+    try:
+        cfg = from_dict(ckpt.meta["config"])
+        vocab = Vocab.from_dict(ckpt.meta["vocab"])
+    except (KeyError, TypeError, ValueError, ConfigError) as err:
+        raise CheckpointError(f"{ckpt.path} has an invalid config or vocabulary: {err}") from None
+    model = LanguageModel(cfg.model, len(vocab), seed=cfg.seed, dtype=cfg.train.dtype)
+    expected = model.params
+    for name, value in ckpt.params.items():
+        if name not in expected:
+            raise CheckpointError(f"{ckpt.path} has parameter '{name}', which this model does not have")
+        if value.shape != expected[name].shape:
+            raise CheckpointError(f"{ckpt.path}: parameter '{name}' has shape {value.shape}, expected "
+                                  f"{expected[name].shape} (vocabulary of {len(vocab)} words)")
+    absent = [n for n in expected if n not in ckpt.params]
+    if absent:
+        raise CheckpointError(f"{ckpt.path} lacks parameter '{absent[0]}'")
+    model.load_params(ckpt.params)
+    return model, vocab, cfg

@@ -1,0 +1,85 @@
+"""Continuing a prompt with a trained model: greedy, temperature, top-k and top-p sampling."""
+import numpy as np
+
+from lmtrain.backend import to_numpy, xp
+from lmtrain.data.vocab import EOS
+from lmtrain.errors import LmtrainError
+
+CHUNK = 256  # prompt tokens fed per forward pass: bounds memory for very long prompts
+
+
+def encode_prompt(vocab, prompt):
+    """(tokens, ids, unknown tokens), tokenized exactly as the training data was."""
+    tokens = [vocab.normalize(t) for t in prompt.split()]
+    if not tokens:
+        raise LmtrainError("the prompt is empty; give at least one word, e.g. --prompt \"the market\"")
+    return tokens, vocab.encode(tokens), sorted(set(vocab.unknown(tokens)))
+
+
+def _feed(model, ids, state):
+    """Run ids through the model; return the float64 logits after the last one and the state."""
+    logits = None
+    for i in range(0, len(ids), CHUNK):
+        chunk = xp.asarray(np.asarray(ids[i:i + CHUNK], dtype=np.int32)[:, None])
+        logits, state = model.forward(chunk, state, train=False)
+    return to_numpy(logits[-1]).astype(np.float64), state
+
+
+def softmax(logits, temperature=1.0):
+    z = logits / temperature
+    z = z - z.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+def pick(logits, rng, temperature=1.0, top_k=None, top_p=None, greedy=False):
+    """One token id from next-token logits."""
+    if greedy:
+        return int(np.argmax(logits))
+    p = softmax(logits, temperature)
+    if top_k is not None and top_k < len(p):
+        cut = np.partition(p, -top_k)[-top_k]
+        p = np.where(p >= cut, p, 0.0)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[:int(np.searchsorted(cum, top_p * cum[-1])) + 1]
+        mask = np.zeros_like(p)
+        mask[keep] = 1.0
+        p = p * mask
+    p = p / p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def generate(model, vocab, prompt, max_tokens=30, temperature=1.0, top_k=None, top_p=None, greedy=False,
+             seed=None, show_top=0):
+    """Continue ``prompt``; returns a dict with the tokens, the continuation and the top next words.
+
+    The prompt is preceded by <eos>, as every line of the training data is.
+    """
+    tokens, ids, unknown = encode_prompt(vocab, prompt)
+    rng = np.random.default_rng(seed)
+    state = model.init_state(1)
+    logits, state = _feed(model, np.concatenate([[vocab.eos_id], ids]), state)
+    top = []
+    if show_top:
+        p = softmax(logits, temperature)
+        order = np.argsort(-p, kind="stable")[:show_top]
+        top = [(vocab.words[i], float(p[i])) for i in order]
+    out = []
+    for _ in range(max_tokens):
+        nxt = pick(logits, rng, temperature, top_k, top_p, greedy)
+        out.append(vocab.words[nxt])
+        logits, state = _feed(model, [nxt], state)
+    return {"prompt_tokens": tokens, "unknown": unknown, "top": top, "continuation": out}
+
+
+def render(tokens):
+    """Tokens as text: <eos> becomes a line break."""
+    lines = [[]]
+    for t in tokens:
+        if t == EOS:
+            lines.append([])
+        else:
+            lines[-1].append(t)
+    return "\n".join(" ".join(line) for line in lines)

@@ -1,0 +1,47 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ptb_dir():
+    """The verified Penn Treebank: $LMTRAIN_PTB_DIR, else ../shared/data/ptb beside the repository."""
+    env = os.environ.get("LMTRAIN_PTB_DIR")
+    path = Path(env) if env else ROOT.parent / "shared" / "data" / "ptb"
+    return path if (path / "train.txt").is_file() else None
+
+
+@pytest.fixture
+def ptb():
+    path = ptb_dir()
+    if path is None:
+        pytest.skip("Penn Treebank not found (set LMTRAIN_PTB_DIR)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path, monkeypatch):
+    """Every test runs in its own directory, so runs/ and data/cache never leak between tests."""
+    monkeypatch.chdir(tmp_path)
+
+
+TINY = """\
+data:
+  source: synthetic
+  lowercase: true
+  synthetic: {train_stories: 300, valid_stories: 30, test_stories: 30, max_distance: 4}
+model: {emb_size: 16, hidden_size: 16, num_layers: 1}
+train: {batch_size: 4, bptt: 10, epochs: 2, optimizer: adam, lr: 0.01, clip_grad_norm: 1.0, eval_batch_size: 3,
+        log_every: 5}
+seed: 3
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A config that trains in about a second."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path

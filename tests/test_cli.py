@@ -1,0 +1,176 @@
+"""The command line as a user runs it: real processes, real exit codes, one-line errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lmtrain.train import perplexity
+
+
+def lmtrain(*args, check=None):
+    proc = subprocess.run([sys.executable, "-m", "lmtrain", *map(str, args)], capture_output=True, text=True)
+    if check is not None:
+        assert proc.returncode == check, proc.stderr
+    return proc
+
+
+def assert_one_line_error(proc, fragment, code=2):
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def trained(tiny_config, tmp_path):
+    proc = lmtrain("fit", tiny_config, "--run-dir", tmp_path / "run", check=0)
+    return tmp_path / "run", proc
+
+
+def test_fit_writes_a_complete_run_directory(trained):
+    run, _ = trained
+    assert (run / "config.yaml").is_file() and (run / "vocab.json").is_file()
+    assert (run / "checkpoints" / "best.npz").is_file() and (run / "checkpoints" / "last.npz").is_file()
+    events = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    for e in events:
+        assert {"event", "epoch", "step", "split", "loss", "ppl", "lr", "tokens_per_s", "elapsed_s"} <= set(e)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("valid") == 2 and kinds[-1] == "test" and "train" in kinds
+    for e in events:
+        assert e["ppl"] == pytest.approx(perplexity(e["loss"]))
+
+
+def test_eval_reproduces_the_logged_test_perplexity(trained):
+    run, _ = trained
+    logged = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    out = json.loads(lmtrain("eval", "--ckpt", run / "checkpoints" / "best.npz", "--split", "test", "--json",
+                             check=0).stdout)
+    assert f"{out['ppl']:.4g}" == f"{logged['ppl']:.4g}"
+    assert out["ppl"] == pytest.approx(logged["ppl"], rel=1e-9)
+    assert out["tokens"] == logged["tokens"]
+    text = lmtrain("eval", "--ckpt", run / "checkpoints" / "best.npz", "--split", "valid", check=0).stdout
+    assert "valid perplexity" in text
+
+
+def test_eval_on_a_text_file(trained, tmp_path):
+    run, _ = trained
+    (tmp_path / "mine.txt").write_text("Tom said hi to Mary .\n")
+    out = json.loads(lmtrain("eval", "--ckpt", run / "checkpoints" / "best.npz", "--text", tmp_path / "mine.txt",
+                             "--json", check=0).stdout)
+    assert out["tokens"] == 7 - 1 and np.isfinite(out["ppl"])
+
+
+def test_generate_shows_top_words_and_uses_latest_run(trained):
+    run, _ = trained
+    proc = lmtrain("generate", "--ckpt", run / "checkpoints" / "best.npz", "--prompt", "Mary said hi to",
+                   "--show-top", "3", "--greedy", "--max-tokens", "2", check=0)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "most likely next words:" and len(lines) == 5
+    assert lines[-1].startswith("mary said hi to ")
+    # without --ckpt: the best checkpoint of the latest run under runs/
+    lmtrain("fit", run.parent / "tiny.yaml", "--quiet", "--set", "train.epochs=1", check=0)
+    proc = lmtrain("generate", "--prompt", "the", "--max-tokens", "5", "--seed", "1", check=0)
+    assert "runs/tiny/checkpoints/best.npz" in proc.stderr
+    again = lmtrain("generate", "--prompt", "the", "--max-tokens", "5", "--seed", "1", check=0)
+    assert again.stdout == proc.stdout  # seeded sampling repeats
+
+
+def test_unknown_prompt_words_are_reported(trained):
+    run, _ = trained
+    proc = lmtrain("generate", "--ckpt", run / "checkpoints" / "best.npz", "--prompt", "zyzzyva said",
+                   "--max-tokens", "1", check=0)
+    assert "not in the vocabulary, read as <unk>: zyzzyva" in proc.stderr
+
+
+def test_existing_run_is_not_overwritten(trained, tiny_config):
+    run, _ = trained
+    before = (run / "checkpoints" / "best.npz").read_bytes()
+    assert_one_line_error(lmtrain("fit", tiny_config, "--run-dir", run), "already holds a run")
+    assert (run / "checkpoints" / "best.npz").read_bytes() == before
+    lmtrain("fit", tiny_config, "--run-dir", run, "--overwrite", "--quiet", check=0)
+
+
+def test_python_dash_m_and_version():
+    assert lmtrain("--version", check=0).stdout.startswith("lmtrain, version")
+    assert "fit" in lmtrain("--help", check=0).stdout
+
+
+@pytest.mark.parametrize("yaml_text,fragment", [
+    ("model: [1, 2\n", "invalid YAML"),
+    ("train:\n  bach_size: 4\n", "unknown key 'train.bach_size'; did you mean 'train.batch_size'?"),
+    ("train:\n  batch_size: four\n", "must be an integer"),
+    ("model:\n  hidden_size: 0\n", "'model.hidden_size' must be at least 1"),
+])
+def test_bad_config_files(tmp_path, yaml_text, fragment):
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    assert_one_line_error(lmtrain("fit", tmp_path / "bad.yaml"), fragment)
+
+
+def test_missing_config_and_bad_override(tiny_config, tmp_path):
+    assert_one_line_error(lmtrain("fit", tmp_path / "absent.yaml"), "config file not found")
+    assert_one_line_error(lmtrain("fit", tiny_config, "--set", "train.epochs=-1"), "must be at least 1")
+    assert_one_line_error(lmtrain("fit", tiny_config, "--set", "model.hiden=3"), "did you mean 'model.hidden_size'")
+
+
+def text_config(tmp_path, train, valid="a b c\n", test="a b\n"):
+    for name, content in [("train", train), ("valid", valid), ("test", test)]:
+        path = tmp_path / f"{name}.txt"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+    cfg = tmp_path / "text.yaml"
+    cfg.write_text(f"data: {{source: text, train: {tmp_path}/train.txt, valid: {tmp_path}/valid.txt, "
+                   f"test: {tmp_path}/test.txt}}\ntrain: {{batch_size: 1, bptt: 2, epochs: 1}}\n")
+    return cfg
+
+
+@pytest.mark.parametrize("train,fragment", [
+    (None, "train file not found"),
+    ("", "the train split"),
+    ("\n\n  \n", "has no tokens"),
+    ("caf\xe9\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"\x7fELF\x00\x00\x01", "looks binary"),
+])
+def test_bad_corpora(tmp_path, train, fragment):
+    assert_one_line_error(lmtrain("fit", text_config(tmp_path, train)), fragment)
+
+
+def test_data_too_small_for_batch(tmp_path):
+    cfg = text_config(tmp_path, "a b c\n")
+    assert_one_line_error(lmtrain("fit", cfg, "--set", "train.batch_size=3"), "train.batch_size 3 is too large")
+    assert_one_line_error(lmtrain("fit", cfg, "--set", "train.bptt=9"), "train.bptt 9 is longer")
+
+
+def test_bad_checkpoints(tmp_path, trained):
+    run, _ = trained
+    assert_one_line_error(lmtrain("eval", "--ckpt", tmp_path / "nope.npz"), "checkpoint not found")
+    data = (run / "checkpoints" / "best.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    assert_one_line_error(lmtrain("eval", "--ckpt", tmp_path / "cut.npz"), "not a readable .npz")
+    np.savez(tmp_path / "foreign.npz", w=np.zeros(2))
+    assert_one_line_error(lmtrain("generate", "--ckpt", tmp_path / "foreign.npz", "--prompt", "a"),
+                          "not an lmtrain checkpoint")
+
+
+def test_bad_prompts_and_arguments(trained):
+    run, _ = trained
+    ckpt = run / "checkpoints" / "best.npz"
+    assert_one_line_error(lmtrain("generate", "--ckpt", ckpt, "--prompt", "   "), "the prompt is empty")
+    assert_one_line_error(lmtrain("generate", "--ckpt", ckpt, "--prompt", ""), "the prompt is empty")
+    assert_one_line_error(lmtrain("generate", "--ckpt", ckpt, "--prompt", "a", "--temperature", "0"), "temperature")
+    assert_one_line_error(lmtrain("eval", "--ckpt", ckpt, "--split", "train"), "'--split'")
+    assert_one_line_error(lmtrain("eval"), "Missing option '--ckpt'")
+    assert_one_line_error(lmtrain("frobnicate"), "No such command")
+
+
+def test_generate_without_any_run(tmp_path):
+    assert_one_line_error(lmtrain("generate", "--prompt", "hello"), "no --ckpt given and no checkpoint")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = lmtrain("--debug", "fit", tmp_path / "absent.yaml")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -1,0 +1,57 @@
+"""Quality claims, each from a run made for it.
+
+The quickstart check runs by default (about two minutes); the PTB presets take
+from ten minutes to an hour and are marked slow (`make test-slow`).
+"""
+import json
+
+import numpy as np
+import pytest
+
+from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
+from lmtrain.config import load_config
+from lmtrain.data import synthetic
+from lmtrain.generate import generate
+from lmtrain.train import fit
+from tests.conftest import ROOT
+
+EXAMPLE = "tom was watching tv in his room . mary came into the room . mary said hi to"
+
+
+def test_quickstart_remembers_the_other_name(tmp_path):
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    fit(cfg, str(tmp_path / "run"), quiet=True)
+    model, vocab, cfg = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoints" / "best.npz"))
+    out = generate(model, vocab, EXAMPLE.replace("mary said", "Mary said"), max_tokens=1, greedy=True, show_top=3)
+    assert out["continuation"] == ["tom"]
+
+    # held-out stories: a stream the training split never used, minus any story it happens to contain
+    train = set(synthetic.generate_lines(cfg.data.synthetic, "train"))
+    rng = np.random.default_rng([cfg.data.synthetic.seed, 99])
+    names = synthetic.name_pool(cfg.data.synthetic.num_names)
+    hits = total = 0
+    while total < 100:
+        tokens, answer = synthetic.story(rng, int(rng.integers(0, 6)), names)
+        if " ".join(tokens) in train:
+            continue
+        prompt = " ".join(tokens[:answer])
+        hits += generate(model, vocab, prompt, max_tokens=1, greedy=True)["continuation"] == [tokens[answer]]
+        total += 1
+    assert hits / total >= 0.95
+
+
+def ptb_run(ptb, tmp_path, preset):
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", [f"data.root={ptb}"])
+    fit(cfg, str(tmp_path / preset), quiet=True)
+    events = [json.loads(l) for l in (tmp_path / preset / "metrics.jsonl").read_text().splitlines()]
+    return events[-1]["ppl"]
+
+
+@pytest.mark.slow
+def test_ptb_dlfs2_matches_the_book(ptb, tmp_path):
+    assert ptb_run(ptb, tmp_path, "ptb-dlfs2") <= 136.0
+
+
+@pytest.mark.slow
+def test_ptb_small_matches_zaremba(ptb, tmp_path):
+    assert ptb_run(ptb, tmp_path, "ptb-small") <= 115.0

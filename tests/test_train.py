@@ -1,0 +1,84 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lmtrain.config import load_config, from_dict
+from lmtrain.optim import LRSchedule, SGD, Adam, clip_grad_norm, global_norm
+from lmtrain.train import fit, reset_streams
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_same_seed_gives_identical_checkpoints(tiny_config, tmp_path):
+    cfg = load_config(tiny_config)
+    fit(cfg, str(tmp_path / "a"), quiet=True)
+    fit(cfg, str(tmp_path / "b"), quiet=True)
+    for name in ("best.npz", "last.npz"):
+        with np.load(tmp_path / "a" / "checkpoints" / name) as a, np.load(tmp_path / "b" / "checkpoints" / name) as b:
+            for key in a.files:
+                if key.startswith("param/") or key.startswith("optim/"):
+                    assert np.array_equal(a[key], b[key]), key
+    other = load_config(tiny_config, ["seed=4"])
+    fit(other, str(tmp_path / "c"), quiet=True)
+    with np.load(tmp_path / "a" / "checkpoints" / "last.npz") as a, np.load(tmp_path / "c" / "checkpoints" / "last.npz") as c:
+        assert not np.array_equal(a["param/decoder.bias"], c["param/decoder.bias"])
+
+
+def test_training_lowers_the_loss(tiny_config, tmp_path):
+    cfg = load_config(tiny_config, ["train.epochs=3"])
+    result = fit(cfg, str(tmp_path / "run"), quiet=True)
+    events = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [e["loss"] for e in events if e["event"] == "train"]
+    assert train[-1] < train[0] - 1.0
+    assert result["test_ppl"] < 20  # from ~70 words at chance
+
+
+def test_max_steps_stops_early(tiny_config, tmp_path):
+    result = fit(load_config(tiny_config, ["train.max_steps=3"]), str(tmp_path / "run"), quiet=True)
+    assert result["steps"] == 3
+
+
+def test_clip_grad_norm_scales_to_the_limit():
+    grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
+    assert clip_grad_norm(grads, 1.0) == pytest.approx(5.0)
+    assert global_norm(grads) == pytest.approx(1.0, rel=1e-5)
+    assert clip_grad_norm(grads, 10.0) == pytest.approx(1.0, rel=1e-5)  # under the limit: untouched
+
+
+def test_sgd_and_adam_steps():
+    p = {"w": np.array([1.0, -2.0])}
+    SGD(p).step(p, {"w": np.array([0.5, 0.5])}, lr=2.0)
+    assert np.allclose(p["w"], [0.0, -3.0])
+    p = {"w": np.array([1.0])}
+    adam = Adam(p)
+    adam.step(p, {"w": np.array([10.0])}, lr=0.1)  # first Adam step moves by lr whatever the scale
+    assert p["w"][0] == pytest.approx(0.9, abs=1e-6)
+    state = adam.state_dict()
+    assert state["scalars"]["t"] == 1 and set(state["arrays"]) == {"m.w", "v.w"}
+
+
+def schedule(**train):
+    return LRSchedule(from_dict({"train": train}).train)
+
+
+def test_step_schedule_halves_after_the_start_epoch():
+    s = schedule(lr=1.0, lr_schedule="step", lr_decay=0.5, lr_decay_start=4)
+    lrs = [s.epoch_end(e, 100.0) for e in range(1, 8)]
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.25, 0.125, 0.0625]  # epoch 5 runs at 0.5, as Zaremba et al.
+
+
+def test_plateau_schedule_waits_for_patience():
+    s = schedule(lr=1.0, lr_schedule="plateau", lr_decay=0.1, plateau_patience=1)
+    assert [s.epoch_end(e, p) for e, p in enumerate([10, 9, 9.5, 9.6, 8], 1)] == \
+        pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1])
+    assert schedule(lr=2.0).epoch_end(1, math.inf) == 2.0
+
+
+def test_reset_streams_zeroes_only_selected_columns():
+    state = [(np.ones((3, 2)), np.ones((3, 2)))]
+    reset_streams(state, np.array([False, True, False]))
+    assert state[0][0][:, 0].tolist() == [1, 0, 1] and state[0][1][1].tolist() == [0, 0]
