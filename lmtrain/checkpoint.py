@@ -61,25 +61,44 @@ def atomic_write(path, write):
         raise
 
 
-def save_checkpoint(path, params, meta, optim_arrays=None):
-    """Write parameters, optimizer arrays and JSON metadata to ``path`` atomically."""
+def _write_npz(fh, arrays):
+    """np.savez's layout, but with fixed zip timestamps so equal arrays give equal bytes."""
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(value), allow_pickle=False)
+
+
+def save_checkpoint(path, params, meta, groups=None):
+    """Write parameters, other named arrays and JSON metadata to ``path`` atomically.
+
+    ``groups`` maps a prefix to named arrays, e.g. {"optim": optimizer state,
+    "state": carried hidden state}; they are stored as ``prefix/name``.
+    """
     meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, gate_order=GATE_ORDER,
                 param_names=list(params))
     arrays = {"meta": np.array(json.dumps(meta))}
     for name, value in params.items():
         arrays[f"param/{name}"] = to_numpy(value)
-    for name, value in (optim_arrays or {}).items():
-        arrays[f"optim/{name}"] = to_numpy(value)
+    for prefix, group in (groups or {}).items():
+        for name, value in group.items():
+            arrays[f"{prefix}/{name}"] = to_numpy(value)
     arrays["sha256"] = np.array(_digest(arrays))
     try:
-        atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        atomic_write(path, lambda fh: _write_npz(fh, arrays))
     except OSError as err:
         raise LmtrainError(f"cannot write checkpoint {path}: {err.strerror or err}", exit_code=1) from None
 
 
 class Checkpoint:
-    def __init__(self, path, meta, params, optim):
-        self.path, self.meta, self.params, self.optim = path, meta, params, optim
+    """A verified checkpoint: ``meta`` (dict), ``params`` and ``groups[prefix]`` (name -> array)."""
+
+    def __init__(self, path, meta, params, groups):
+        self.path, self.meta, self.params, self.groups = path, meta, params, groups
+
+    def group(self, prefix):
+        return self.groups.get(prefix, {})
 
 
 def load_checkpoint(path):
@@ -122,12 +141,16 @@ def load_checkpoint(path):
     stored = arrays.pop("sha256", None)
     if stored is None or str(stored) != _digest(arrays):
         raise CheckpointError(f"{path} fails its SHA-256 check: the file was modified or damaged")
-    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
-    optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
+    groups = {}
+    for key, value in arrays.items():
+        if "/" in key:
+            prefix, name = key.split("/", 1)
+            groups.setdefault(prefix, {})[name] = value
+    params = groups.pop("param", {})
     missing = [n for n in meta.get("param_names", []) if n not in params]
     if missing:
         raise CheckpointError(f"{path} lacks parameter '{missing[0]}'")
-    return Checkpoint(path, meta, params, optim)
+    return Checkpoint(path, meta, params, groups)
 
 
 def model_from_checkpoint(ckpt):
