@@ -6,7 +6,7 @@ import pytest
 from lmtrain.config import SyntheticConfig
 from lmtrain.data import synthetic
 from lmtrain.data.batching import batchify, eval_streams, num_windows, windows
-from lmtrain.data.corpus import build_corpus, load_text_corpus, read_text, tokenize
+from lmtrain.data.corpus import build_corpus, load_text_corpus, read_tokens, tokenize
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.errors import DataError
 
@@ -31,15 +31,27 @@ def test_vocab_comes_from_training_split_only():
     assert list(c.valid) == [c.vocab.unk_id, c.vocab.eos_id]
 
 
-def test_read_text_rejects_bad_files(tmp_path):
+def test_read_tokens_rejects_bad_files(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        read_text(tmp_path / "missing.txt")
+        read_tokens(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match="is a directory"):
+        read_tokens(tmp_path)
     (tmp_path / "bin").write_bytes(b"abc\x00\x01\x02")
     with pytest.raises(DataError, match="looks binary"):
-        read_text(tmp_path / "bin")
-    (tmp_path / "latin1").write_bytes("caf\xe9 ok\n".encode("latin-1"))
-    with pytest.raises(DataError, match="not UTF-8 text .*line 1"):
-        read_text(tmp_path / "latin1")
+        read_tokens(tmp_path / "bin")
+    (tmp_path / "latin1").write_bytes("ok\ncaf\xe9 ok\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8 text .*line 2, column 4"):
+        read_tokens(tmp_path / "latin1")
+
+
+def test_a_line_longer_than_the_limit_is_refused(tmp_path, monkeypatch):
+    from lmtrain.data import corpus
+    monkeypatch.setattr(corpus, "MAX_LINE_BYTES", 1000)
+    (tmp_path / "long.txt").write_text("short line\n" + "w " * 600 + "\n")
+    with pytest.raises(DataError, match="line 2 is longer than"):
+        read_tokens(tmp_path / "long.txt")
+    (tmp_path / "ok.txt").write_text("w " * 400 + "\nend")
+    assert read_tokens(tmp_path / "ok.txt")[-2:] == ["end", EOS]
 
 
 def test_empty_split_is_an_error(tmp_path):

@@ -17,36 +17,60 @@ from lmtrain.errors import DataError
 SPLITS = ("train", "valid", "test")
 
 
-def read_text(path, what="corpus file"):
-    """The text of a UTF-8 file; a missing, binary or non-UTF-8 file is a DataError."""
+# A line longer than this is not text meant for a word-level model (a file
+# without line breaks, a binary blob); reading stops instead of filling memory.
+MAX_LINE_BYTES = 16 << 20
+
+
+def _check_file(path, what):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"{what} not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"{what} is a directory, not a file: {path}")
+    return path
+
+
+def read_lines(path, what="corpus file"):
+    """Yield the decoded lines of a UTF-8 text file, one at a time.
+
+    A missing, binary or non-UTF-8 file, or a line over MAX_LINE_BYTES, is a
+    DataError that names the file and the line.
+    """
+    path = _check_file(path, what)
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            for number, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(f"{what} {path}: line {number} is longer than {MAX_LINE_BYTES >> 20} MiB; "
+                                    f"a corpus needs line breaks (one sentence or paragraph per line)")
+                if b"\x00" in raw:
+                    raise DataError(f"{what} {path} looks binary (NUL byte on line {number}), not text")
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{what} {path} is not UTF-8 text (bad byte on line {number}, column "
+                                    f"{err.start + 1})") from None
     except OSError as err:
         raise DataError(f"cannot read {what} {path}: {err.strerror}") from None
-    if b"\x00" in raw[:1 << 16]:
-        raise DataError(f"{what} {path} looks binary (it contains NUL bytes), not text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise DataError(f"{what} {path} is not UTF-8 text (bad byte at line {line}, offset {err.start})") from None
+
+
+def read_tokens(path, what="corpus file", lowercase=False):
+    """Whitespace-separated tokens of a file, with ``<eos>`` at every line end."""
+    return tokenize_lines(read_lines(path, what), lowercase)
+
+
+def tokenize_lines(lines, lowercase=False):
+    tokens = []
+    for line in lines:
+        tokens.extend((line.lower() if lowercase else line).split())
+        tokens.append(EOS)
+    return tokens
 
 
 def tokenize(text, lowercase=False):
-    """Whitespace-separated tokens with ``<eos>`` at every line end."""
-    if lowercase:
-        text = text.lower()
-    tokens = []
-    for line in text.splitlines():
-        tokens.extend(line.split())
-        tokens.append(EOS)
-    return tokens
+    """Whitespace-separated tokens with ``<eos>`` at every line end (\\n)."""
+    return tokenize_lines(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"), lowercase)
 
 
 @dataclass
@@ -82,22 +106,29 @@ def load_text_corpus(paths, min_freq=1, max_size=None, lowercase=False, cache_di
     files' contents and the vocabulary settings, so a second run skips the
     tokenisation.  A cache that cannot be written is simply not used.
     """
-    texts = {s: read_text(paths[s], f"{s} file") for s in SPLITS}
     key = None
     if cache_dir is not None:
         h = hashlib.sha256(json.dumps([min_freq, max_size, lowercase]).encode())
         for s in SPLITS:
-            h.update(hashlib.sha256(texts[s].encode("utf-8")).digest())
+            h.update(sha256_file(_check_file(paths[s], f"{s} file")).encode())
         key = os.path.join(cache_dir, f"corpus-{h.hexdigest()[:20]}.npz")
         cached = _read_cache(key)
         if cached is not None:
             return cached
-    corpus = build_corpus({s: tokenize(texts[s], lowercase) for s in SPLITS},
+    corpus = build_corpus({s: read_tokens(paths[s], f"{s} file", lowercase) for s in SPLITS},
                           min_freq=min_freq, max_size=max_size, lowercase=lowercase,
                           names={s: paths[s] for s in SPLITS})
     if key is not None:
         _write_cache(key, corpus)
     return corpus
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_cache(path):

@@ -5,7 +5,7 @@ import urllib.error
 import urllib.request
 
 from lmtrain.data import synthetic
-from lmtrain.data.corpus import SPLITS, build_corpus, load_text_corpus, tokenize
+from lmtrain.data.corpus import SPLITS, build_corpus, load_text_corpus, sha256_file, tokenize
 from lmtrain.config import PTB_URL
 from lmtrain.errors import DataError
 
@@ -18,14 +18,6 @@ PTB_FILES = {
     "valid": ("ptb.valid.txt", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
     "test": ("ptb.test.txt", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"),
 }
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _by_hand(root):
