@@ -29,17 +29,25 @@ def cli(debug):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, e.g. --set train.lr=0.5 (repeatable).")
 @click.option("--run-dir", type=click.Path(), help="Run directory (default: output.dir/output.name).")
+@click.option("--resume", is_flag=False, flag_value="last", default=None, metavar="[PATH]",
+              help="Continue the run from its last.npz, or from the checkpoint PATH.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the run directory.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary lines.")
 @debug_option
-def fit(config, overrides, run_dir, overwrite, quiet, debug):
+def fit(config, overrides, run_dir, resume, overwrite, quiet, debug):
     """Train the model CONFIG (a YAML file) describes."""
+    import shlex
+
     from lmtrain.config import load_config
     from lmtrain.train import fit as run_fit
 
+    if resume and overwrite:
+        raise LmtrainError("--resume and --overwrite contradict each other; choose one")
     cfg = load_config(config, overrides)
+    hint = " ".join(["lmtrain fit", shlex.quote(config), *(f"--set {shlex.quote(o)}" for o in overrides),
+                     *([f"--run-dir {shlex.quote(run_dir)}"] if run_dir else []), "--resume"])
     run_dir = run_dir or os.path.join(cfg.output.dir, cfg.output.name)
-    run_fit(cfg, run_dir, overwrite=overwrite, quiet=quiet, echo=click.echo)
+    run_fit(cfg, run_dir, overwrite=overwrite, resume=resume, quiet=quiet, echo=click.echo, resume_hint=hint)
 
 
 @cli.command("eval")
@@ -54,13 +62,13 @@ def fit(config, overrides, run_dir, overwrite, quiet, debug):
 def eval_cmd(ckpt, split, text_file, batch_size, as_json, debug):
     """Perplexity of a checkpoint over a whole split or file."""
     from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
-    from lmtrain.data.corpus import read_text, tokenize
+    from lmtrain.data.corpus import read_tokens
     from lmtrain.data.sources import load_corpus
     from lmtrain.train import evaluate
 
     model, vocab, cfg = model_from_checkpoint(load_checkpoint(ckpt))
     if text_file:
-        ids = vocab.encode(tokenize(read_text(text_file, "text file"), vocab.lowercase))
+        ids = vocab.encode(read_tokens(text_file, "text file", vocab.lowercase))
         if len(ids) < 2:
             raise LmtrainError(f"text file {text_file} has too few tokens to evaluate")
         source = text_file
@@ -134,8 +142,8 @@ def main(argv=None):
         where = f" (see '{err.ctx.command_path} --help')" if getattr(err, "ctx", None) else ""
         click.echo(f"error: {err.format_message()}{where}", err=True)
         sys.exit(err.exit_code)
-    except click.Abort:
-        click.echo("aborted", err=True)
+    except (click.Abort, KeyboardInterrupt):  # Ctrl-C before training started: nothing to save
+        click.echo("error: interrupted", err=True)
         sys.exit(130)
     except LmtrainError as err:
         if debug:

@@ -99,6 +99,16 @@ class TrainConfig:
                                      "generation does", min=0.0, max=1.0)
     eval_batch_size: int = option(10, "streams used for validation and test evaluation", min=1)
     log_every: int = option(100, "optimizer steps between training-loss log lines", min=1)
+    checkpoint_every: typing.Optional[int] = option(500, "steps between periodic checkpoints (last.npz); null: "
+                                                    "only at epoch ends", min=1)
+    checkpoint_minutes: typing.Optional[float] = option(None, "also checkpoint when this many minutes passed "
+                                                        "since the last one", min=0.0, min_exclusive=True)
+    keep_last: int = option(0, "also keep this many numbered periodic checkpoints (step-NNNNNNNN.npz)", min=0)
+    max_bad_steps: int = option(5, "non-finite steps in a row (each skipped) before the run reloads its last "
+                                "checkpoint", min=1)
+    bad_step_lr_factor: typing.Optional[float] = option(0.5, "learning-rate factor applied when reloading after "
+                                                         "divergence; null: stop with an error instead",
+                                                         min=0.0, max=1.0, min_exclusive=True)
     dtype: str = option("float32", "floating-point type of parameters and activations",
                         choices=["float32", "float64"])
 
@@ -119,6 +129,26 @@ class Config:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+# Keys that may differ when a run is resumed: they change how long it runs and
+# what it logs or keeps, never the model, the data or the updates.
+SAFE_TO_CHANGE_ON_RESUME = {
+    "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
+    "train.keep_last", "train.max_bad_steps", "train.bad_step_lr_factor",
+    "data.root", "data.download", "data.url", "data.cache", "output.dir", "output.name",
+}
+
+
+def flatten(d, prefix=""):
+    """{'train': {'lr': 1}} -> {'train.lr': 1}"""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -241,6 +271,19 @@ def _yaml_error(path, err):
     return ConfigError(f"{where}: invalid YAML: {problem}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path):
     """Read a YAML mapping, turning every failure into a one-line ConfigError."""
     path = os.fspath(path)
@@ -250,7 +293,7 @@ def read_yaml(path):
         raise ConfigError(f"config path is a directory, not a YAML file: {path}")
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_StrictLoader)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as err:

@@ -18,7 +18,7 @@ def saved(tmp_path):
     model = LanguageModel(cfg.model, len(vocab), seed=1)
     path = tmp_path / "ck.npz"
     meta = {"config": cfg.to_dict(), "vocab": vocab.to_dict(), "epoch": 1, "step": 7, "metrics": {}}
-    save_checkpoint(path, model.params, meta, {"m.x": np.ones(3, np.float32)})
+    save_checkpoint(path, model.params, meta, {"optim": {"m.x": np.ones(3, np.float32)}})
     return path, model
 
 
@@ -100,7 +100,7 @@ def test_atomic_write_keeps_old_file_when_writing_fails(saved, monkeypatch):
 
     def fail(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(np, "savez", fail)
+    monkeypatch.setattr(np.lib.format, "write_array", fail)
     with pytest.raises(Exception, match="No space left"):
         save_checkpoint(path, model.params, {"config": {}, "vocab": {}})
     assert path.read_bytes() == before
