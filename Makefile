@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROMPT := tom was watching tv in his room . mary came into the room . mary said hi to
 
-.PHONY: help install dev quickstart test test-slow test-ptb clean
+.PHONY: help install dev quickstart test test-slow docs clean
 
 help:
 	@echo "make quickstart   install into .venv, train on the built-in stories (~2 min), generate"
@@ -36,6 +36,11 @@ test: dev
 
 test-slow: dev
 	$(BIN)/python -m pytest -q -m slow
+
+# Regenerate the generated tables: config keys (docs/configuration.md) and
+# bad inputs (docs/reliability.md, by running every case of tests/bad_inputs.py).
+docs: install
+	$(BIN)/python -m tests.gendocs
 
 clean:
 	rm -rf $(VENV) .pytest_cache data/cache *.egg-info

@@ -5,7 +5,8 @@ from lmtrain.backend import to_numpy, xp
 from lmtrain.data.vocab import EOS
 from lmtrain.errors import LmtrainError
 
-CHUNK = 256  # prompt tokens fed per forward pass: bounds memory for very long prompts
+CHUNK = 256  # prompt tokens fed per forward pass: bounds memory for long prompts
+MAX_PROMPT_TOKENS = 20_000
 
 
 def encode_prompt(vocab, prompt):
@@ -13,7 +14,14 @@ def encode_prompt(vocab, prompt):
     tokens = [vocab.normalize(t) for t in prompt.split()]
     if not tokens:
         raise LmtrainError("the prompt is empty; give at least one word, e.g. --prompt \"the market\"")
-    return tokens, vocab.encode(tokens), sorted(set(vocab.unknown(tokens)))
+    if len(tokens) > MAX_PROMPT_TOKENS:
+        raise LmtrainError(f"the prompt has {len(tokens):,} words; at most {MAX_PROMPT_TOKENS:,} are read "
+                           f"(an LSTM's memory is far shorter: keep the end that matters)")
+    unknown = sorted(set(vocab.unknown(tokens)))
+    if len(unknown) == len(set(tokens)):
+        raise LmtrainError(f"none of the prompt's words is in the vocabulary ({', '.join(unknown[:5])}"
+                           f"{', ...' if len(unknown) > 5 else ''}); the model would only see <unk>")
+    return tokens, vocab.encode(tokens), unknown
 
 
 def _feed(model, ids, state):
