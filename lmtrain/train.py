@@ -78,26 +78,37 @@ class Progress:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per event, appended as it happens."""
+    """metrics.jsonl: one JSON object per event, appended as it happens.
+
+    Every event has at least the keys of FIELDS (None where they do not apply).
+    """
+
+    FIELDS = ("event", "epoch", "step", "split", "loss", "ppl", "lr", "tokens_per_s", "elapsed_s")
 
     def __init__(self, path):
         self.path = path
 
     def write(self, **event):
+        record = {k: None for k in self.FIELDS}
+        record.update(event)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(event) + "\n")
+            fh.write(json.dumps(record) + "\n")
 
     def truncate_after(self, step):
-        """Drop events a resumed run will produce again (those after its checkpoint)."""
+        """Drop events a resumed run will produce again (those after its checkpoint).
+
+        Returns the elapsed time of the last event kept, so the resumed run's clock continues from it.
+        """
         if not os.path.exists(self.path):
-            return
+            return 0.0
         with open(self.path, encoding="utf-8") as fh:
             events = [json.loads(line) for line in fh if line.strip()]
-        kept = [e for e in events if e.get("step", 0) <= step and e.get("event") != "test"]
+        kept = [e for e in events if (e.get("step") or 0) <= step and e.get("event") != "test"]
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(e) + "\n" for e in kept)
         os.replace(tmp, self.path)
+        return max((e.get("elapsed_s") or 0.0 for e in kept), default=0.0)
 
 
 class StopSignals:
@@ -194,9 +205,12 @@ class Trainer:
         self.start = time.perf_counter()
         self.last_save = time.perf_counter()
 
-    # -- checkpoints --------------------------------------------------------
+    # -- checkpoints and log ------------------------------------------------
     def elapsed(self):
         return self.elapsed_before + time.perf_counter() - self.start
+
+    def log(self, event, **fields):
+        self.metrics.write(event=event, epoch=self.p.epoch, step=self.p.step, elapsed_s=self.elapsed(), **fields)
 
     def save(self, name):
         """Write a resumable checkpoint; returns its path."""
@@ -206,7 +220,8 @@ class Trainer:
             carried[f"{i}.h"], carried[f"{i}.c"] = to_numpy(h), to_numpy(c)
         meta = {
             "config": self.cfg.to_dict(), "vocab": self.corpus.vocab.to_dict(),
-            "epoch": self.p.epoch, "step": self.p.step,
+            # epochs the weights were trained through (the current one when saved inside it)
+            "epoch": self.p.epoch - 1 if self.p.pos == 0 else self.p.epoch, "step": self.p.step,
             "metrics": {"best_valid_ppl": self.p.best_valid_ppl, "valid_ppl": self.valid_ppl},
             "progress": dataclasses.asdict(self.p),
             "schedule": self.schedule.state_dict(), "optimizer": opt["scalars"],
@@ -266,10 +281,8 @@ class Trainer:
         p.bad_total += 1
         # The state that produced a non-finite value must not be carried on.
         self.state = self.model.init_state(t.batch_size)
-        self.metrics.write(event="bad_step", epoch=p.epoch, step=p.step, split="train",
-                           loss=loss if math.isfinite(loss) else None, ppl=None, lr=lr,
-                           grad_norm=norm if math.isfinite(norm) else None, bad_in_row=p.bad_in_row,
-                           tokens_per_s=None, elapsed_s=self.elapsed())
+        self.log("bad_step", split="train", loss=loss if math.isfinite(loss) else None, lr=lr,
+                 grad_norm=norm if math.isfinite(norm) else None, bad_in_row=p.bad_in_row)
         self.say(f"step {p.step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}, "
                  f"update skipped ({p.bad_in_row} in a row)")
         if p.bad_in_row < t.max_bad_steps:
@@ -286,9 +299,7 @@ class Trainer:
         self.restore(ckpt)
         self.p.recoveries, self.p.bad_total = recoveries, bad_total
         self.schedule.lr *= t.bad_step_lr_factor
-        self.metrics.write(event="recover", epoch=self.p.epoch, step=self.p.step, split="train", loss=None,
-                           ppl=None, lr=self.schedule.lr, tokens_per_s=None, elapsed_s=self.elapsed(),
-                           from_step=ckpt.meta["step"])
+        self.log("recover", split="train", lr=self.schedule.lr, from_step=ckpt.meta["step"])
         self.say(f"reloaded the checkpoint of step {ckpt.meta['step']}; learning rate lowered to "
                  f"{self.schedule.lr:.4g}")
 
@@ -342,9 +353,8 @@ class Trainer:
                 now = time.perf_counter()
                 mean = p.interval_loss / p.interval_tokens
                 tps = p.interval_tokens / max(now - interval_start, 1e-9)
-                self.metrics.write(event="train", epoch=p.epoch, step=p.step, split="train", loss=mean,
-                                   ppl=perplexity(mean), lr=lr, tokens_per_s=tps, elapsed_s=self.elapsed(),
-                                   grad_norm=norm)
+                self.log("train", split="train", loss=mean, ppl=perplexity(mean), lr=lr, tokens_per_s=tps,
+                         grad_norm=norm)
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}", lr=f"{lr:.3g}",
                                 tok_s=f"{tps:,.0f}", refresh=False)
                 p.interval_loss, p.interval_tokens = 0.0, 0
@@ -378,9 +388,8 @@ class Trainer:
         now = time.perf_counter()
         train_ppl = perplexity(p.epoch_loss / p.epoch_tokens) if p.epoch_tokens else None
         lr = self.schedule.lr
-        self.metrics.write(event="valid", epoch=p.epoch, step=p.step, split="valid", loss=v_loss, ppl=valid_ppl,
-                           lr=lr, tokens_per_s=v_count / max(now - eval_start, 1e-9), elapsed_s=self.elapsed(),
-                           tokens=v_count, train_ppl=train_ppl)
+        self.log("valid", split="valid", loss=v_loss, ppl=valid_ppl, lr=lr,
+                 tokens_per_s=v_count / max(now - eval_start, 1e-9), tokens=v_count, train_ppl=train_ppl)
         improved = valid_ppl < p.best_valid_ppl
         p.best_valid_ppl = min(p.best_valid_ppl, valid_ppl)
         self.valid_ppl = valid_ppl
@@ -404,7 +413,7 @@ class Trainer:
         test_loss, test_ppl, test_count = evaluate(self.model, self.corpus.test, t.eval_batch_size, t.bptt)
         now = time.perf_counter()
         self.metrics.write(event="test", epoch=best.meta["epoch"], step=best.meta["step"], split="test",
-                           loss=test_loss, ppl=test_ppl, lr=None, tokens_per_s=test_count / max(now - eval_start, 1e-9),
+                           loss=test_loss, ppl=test_ppl, tokens_per_s=test_count / max(now - eval_start, 1e-9),
                            elapsed_s=self.elapsed(), tokens=test_count)
         self.say(f"test ppl {test_ppl:.2f} ({test_count:,} tokens) with the best checkpoint (step "
                  f"{best.meta['step']}, valid ppl {best.meta['metrics']['best_valid_ppl']:.2f}); "
@@ -448,10 +457,8 @@ def fit(cfg, run_dir, overwrite=False, resume=None, quiet=False, echo=print, res
         trainer.save("last.npz")  # a run is resumable from its first step
     else:
         trainer.restore(ckpt)
-        trainer.metrics.truncate_after(trainer.p.step)
-        trainer.metrics.write(event="resume", epoch=trainer.p.epoch, step=trainer.p.step, split=None, loss=None,
-                              ppl=None, lr=trainer.schedule.lr, tokens_per_s=None, elapsed_s=0.0,
-                              checkpoint=ckpt.path, changed=safe)
+        trainer.elapsed_before = trainer.metrics.truncate_after(trainer.p.step)
+        trainer.log("resume", lr=trainer.schedule.lr, checkpoint=ckpt.path, changed=safe)
         say(f"resuming from {ckpt.path} at epoch {trainer.p.epoch}, step {trainer.p.step}"
             + (f" with {'; '.join(safe)}" if safe else ""))
     return trainer.run()
