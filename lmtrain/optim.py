@@ -9,90 +9,110 @@ import math
 from lmtrain.backend import xp
 
 
-def global_norm(grads):
-    """L2 norm of all gradients taken together."""
-    return math.sqrt(sum(float(xp.vdot(g.reshape(-1), g.reshape(-1))) for g in grads.values()))
+def grad_norm(store):
+    """L2 norm of all gradients taken together (one pass over the gradient buffer)."""
+    g = store.grad
+    return math.sqrt(float(xp.dot(g, g)))
 
 
-def clip_grad_norm(grads, max_norm):
-    """Scale all gradients so their global norm is at most ``max_norm``; return the norm before."""
-    norm = global_norm(grads)
-    if max_norm is not None and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for g in grads.values():
-            g *= g.dtype.type(scale)
-    return norm
+def clip_scale(norm, max_norm):
+    """Factor that brings the global gradient norm down to ``max_norm`` (1 when it is under)."""
+    if max_norm is None or norm <= max_norm:
+        return 1.0
+    return max_norm / (norm + 1e-6)
 
 
 class SGD:
-    def __init__(self, params, momentum=0.0, weight_decay=0.0):
+    """p -= lr * g, with optional momentum and L2 weight decay, on the whole parameter buffer at once.
+
+    ``step`` uses the gradient buffer as scratch space: read the gradients before it.
+    """
+
+    def __init__(self, store, momentum=0.0, weight_decay=0.0):
+        self.store = store
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.velocity = {k: xp.zeros_like(p) for k, p in params.items()} if momentum else {}
+        self.velocity = xp.zeros_like(store.data) if momentum else None
 
-    def step(self, params, grads, lr):
-        for name, p in params.items():
-            g = grads[name]
-            if self.weight_decay:
-                g += p.dtype.type(self.weight_decay) * p
-            if self.momentum:
-                v = self.velocity[name]
-                v *= v.dtype.type(self.momentum)
-                v += g
-                g = v
-            p -= p.dtype.type(lr) * g
+    def step(self, lr, grad_scale=1.0):
+        p, g = self.store.data, self.store.grad
+        if grad_scale != 1.0:
+            g *= g.dtype.type(grad_scale)
+        if self.weight_decay:
+            g += p.dtype.type(self.weight_decay) * p
+        if self.momentum:
+            v = self.velocity
+            v *= v.dtype.type(self.momentum)
+            v += g
+            xp.multiply(v, v.dtype.type(lr), out=g)
+        else:
+            g *= g.dtype.type(lr)
+        p -= g
 
     def state_dict(self):
-        return {"arrays": {f"velocity.{k}": v for k, v in self.velocity.items()}, "scalars": {}}
+        if self.velocity is None:
+            return {"arrays": {}, "scalars": {}}
+        return {"arrays": {f"velocity.{k}": v for k, v in self.store.views_of(self.velocity).items()},
+                "scalars": {}}
 
     def load_state_dict(self, state):
-        for k, v in self.velocity.items():
-            v[...] = state["arrays"][f"velocity.{k}"]
+        if self.velocity is not None:
+            for k, v in self.store.views_of(self.velocity).items():
+                v[...] = state["arrays"][f"velocity.{k}"]
 
 
 class Adam:
-    """Adam (Kingma & Ba 2015) with bias correction; weight decay as an L2 term."""
+    """Adam (Kingma & Ba 2015) with bias correction and L2 weight decay, on the whole buffer at once."""
 
-    def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    def __init__(self, store, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        self.store = store
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.weight_decay = weight_decay
-        self.m = {k: xp.zeros_like(p) for k, p in params.items()}
-        self.v = {k: xp.zeros_like(p) for k, p in params.items()}
+        self.m = xp.zeros_like(store.data)
+        self.v = xp.zeros_like(store.data)
+        self.tmp = xp.empty_like(store.data)
         self.t = 0
 
-    def step(self, params, grads, lr):
+    def step(self, lr, grad_scale=1.0):
         self.t += 1
         b1, b2 = self.beta1, self.beta2
+        p, g, m, v, tmp = self.store.data, self.store.grad, self.m, self.v, self.tmp
+        f = p.dtype.type
+        if grad_scale != 1.0:
+            g *= f(grad_scale)
+        if self.weight_decay:
+            g += f(self.weight_decay) * p
         step_size = lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        for name, p in params.items():
-            g = grads[name]
-            if self.weight_decay:
-                g += p.dtype.type(self.weight_decay) * p
-            m, v = self.m[name], self.v[name]
-            m *= m.dtype.type(b1)
-            m += m.dtype.type(1 - b1) * g
-            v *= v.dtype.type(b2)
-            v += v.dtype.type(1 - b2) * (g * g)
-            denom = xp.sqrt(v)
-            denom += denom.dtype.type(self.eps)
-            p -= p.dtype.type(step_size) * (m / denom)
+        v *= f(b2)
+        xp.multiply(g, g, out=tmp)
+        tmp *= f(1 - b2)
+        v += tmp
+        m *= f(b1)
+        g *= f(1 - b1)
+        m += g
+        xp.sqrt(v, out=tmp)
+        tmp += f(self.eps)
+        xp.divide(m, tmp, out=tmp)
+        tmp *= f(step_size)
+        p -= tmp
 
     def state_dict(self):
-        arrays = {f"m.{k}": a for k, a in self.m.items()}
-        arrays.update({f"v.{k}": a for k, a in self.v.items()})
+        arrays = {f"m.{k}": a for k, a in self.store.views_of(self.m).items()}
+        arrays.update({f"v.{k}": a for k, a in self.store.views_of(self.v).items()})
         return {"arrays": arrays, "scalars": {"t": self.t}}
 
     def load_state_dict(self, state):
-        for k in self.m:
-            self.m[k][...] = state["arrays"][f"m.{k}"]
-            self.v[k][...] = state["arrays"][f"v.{k}"]
+        for k, a in self.store.views_of(self.m).items():
+            a[...] = state["arrays"][f"m.{k}"]
+        for k, a in self.store.views_of(self.v).items():
+            a[...] = state["arrays"][f"v.{k}"]
         self.t = int(state["scalars"]["t"])
 
 
-def make_optimizer(train_cfg, params):
+def make_optimizer(train_cfg, store):
     if train_cfg.optimizer == "sgd":
-        return SGD(params, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
-    return Adam(params, beta1=train_cfg.beta1, beta2=train_cfg.beta2, eps=train_cfg.eps,
+        return SGD(store, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
+    return Adam(store, beta1=train_cfg.beta1, beta2=train_cfg.beta2, eps=train_cfg.eps,
                 weight_decay=train_cfg.weight_decay)
 
 

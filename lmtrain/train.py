@@ -26,7 +26,7 @@ from lmtrain.data.sources import load_corpus
 from lmtrain.data.vocab import Vocab
 from lmtrain.errors import LmtrainError
 from lmtrain.nn.model import LanguageModel
-from lmtrain.optim import LRSchedule, clip_grad_norm, make_optimizer
+from lmtrain.optim import LRSchedule, clip_scale, grad_norm, make_optimizer
 
 MAX_RECOVERIES = 5  # reloads after divergence before a run gives up
 
@@ -194,7 +194,7 @@ class Trainer:
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         self.metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
         self.model = LanguageModel(cfg.model, len(corpus.vocab), seed=cfg.seed, dtype=self.t.dtype)
-        self.optimizer = make_optimizer(self.t, self.model.params)
+        self.optimizer = make_optimizer(self.t, self.model.store)
         self.schedule = LRSchedule(self.t)
         self.rngs = {"dropout": self.model.dropout_rng, "reset": np.random.default_rng([cfg.seed, 2])}
         self.train_data = batchify(corpus.train, self.t.batch_size)
@@ -267,10 +267,11 @@ class Trainer:
         norm = math.nan
         if math.isfinite(loss):
             self.model.backward()
-            norm = clip_grad_norm(self.model.grads, t.clip_grad_norm)
+            norm = grad_norm(self.model.store)
         if not (math.isfinite(loss) and math.isfinite(norm)):
             return loss, norm, False
-        self.optimizer.step(self.model.params, self.model.grads, lr)
+        # clipping is folded into the update: one pass over the buffers, not two
+        self.optimizer.step(lr, clip_scale(norm, t.clip_grad_norm))
         self.state = new_state
         return loss, norm, True
 

@@ -4,16 +4,15 @@ import numpy as np
 
 def numerical_grad(loss_fn, array, eps=1e-6):
     """d loss_fn() / d array by central differences, perturbing ``array`` in place."""
-    grad = np.zeros_like(array)
-    flat, gflat = array.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
+    grad = np.zeros(array.shape)
+    for i in np.ndindex(array.shape):  # index the array itself: it may be a strided view
+        old = array[i]
+        array[i] = old + eps
         plus = loss_fn()
-        flat[i] = old - eps
+        array[i] = old - eps
         minus = loss_fn()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * eps)
+        array[i] = old
+        grad[i] = (plus - minus) / (2 * eps)
     return grad
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from lmtrain.config import ModelConfig
 from lmtrain.nn.model import LanguageModel
-from lmtrain.optim import clip_grad_norm
+from lmtrain.optim import SGD, clip_scale, grad_norm
 
 torch = pytest.importorskip("torch")
 
@@ -59,6 +59,7 @@ def test_training_matches_pytorch(tied, layers):
     opt = torch.optim.SGD(params, lr=0.5)
     rng = np.random.default_rng(0)
     stream = rng.integers(0, V, size=(3 * T + 1, B)).astype(np.int32)
+    sgd = SGD(ours.store)
     state = ours.init_state(B)
     tstate = None
     for k in range(3):
@@ -66,9 +67,8 @@ def test_training_matches_pytorch(tied, layers):
         logits, state = ours.forward(x, state, train=True)
         loss = ours.loss(logits, y)
         ours.backward()
-        norm = clip_grad_norm(ours.grads, 0.1)
-        for name, p in ours.params.items():
-            p -= 0.5 * ours.grads[name]
+        norm = grad_norm(ours.store)
+        sgd.step(0.5, clip_scale(norm, 0.1))
 
         if tstate is not None:
             tstate = tuple(s.detach() for s in tstate)

@@ -37,14 +37,18 @@ def check_layer(layer, forward, inputs, out_shape_fn, seed=0):
 
 def test_linear():
     rng = np.random.default_rng(1)
-    layer = Linear(rng.standard_normal((5, 7)), rng.standard_normal(7))
+    layer = Linear(rng.standard_normal((5 + 1, 7)))  # [W; b]
     check_layer(layer, layer.forward, [rng.standard_normal((6, 5))], None)
+    x = rng.standard_normal((3, 5))
+    np.testing.assert_allclose(layer.forward(x), x @ layer.params["weight"] + layer.params["bias"], rtol=1e-12)
 
 
 def test_linear_transposed():
     rng = np.random.default_rng(2)
-    layer = Linear(rng.standard_normal((7, 5)), rng.standard_normal(7), transposed=True)
+    layer = Linear(rng.standard_normal((7, 5 + 1)), transposed=True)  # [E, b], the tied decoder
     check_layer(layer, layer.forward, [rng.standard_normal((6, 5))], None)
+    x = rng.standard_normal((3, 5))
+    np.testing.assert_allclose(layer.forward(x), x @ layer.params["weight"].T + layer.params["bias"], rtol=1e-12)
 
 
 def test_embedding_with_repeated_ids():
@@ -76,8 +80,24 @@ def test_softmax_cross_entropy(weighted):
         return layer.forward(logits.copy(), targets, weights)[0]
 
     loss()
-    analytic = layer.backward()
+    analytic = layer.backward().copy()  # the layer's own buffer: the next forward reuses it
     assert rel_error(analytic, numerical_grad(loss, logits)) < TOL
+
+
+def test_softmax_handles_logits_that_overflow_or_underflow_exp():
+    """Rows whose exp overflows (logit > 88) or vanishes take the max-subtracted path; results stay exact."""
+    layer = SoftmaxCrossEntropy()
+    logits = np.array([[1.0, 2.0, 3.0], [500.0, 499.0, 0.0], [-900.0, -901.0, -950.0]], np.float32)
+    targets = np.array([2, 0, 1])
+    mean, total, count = layer.forward(logits.copy(), targets)
+    z = logits.astype(np.float64)
+    logp = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    expected = -logp[np.arange(3), targets]
+    assert total == pytest.approx(expected.sum(), rel=1e-6) and count == 3
+    d = layer.backward()
+    p = np.exp(logp)
+    p[np.arange(3), targets] -= 1
+    np.testing.assert_allclose(d, p / 3, atol=1e-7)
 
 
 def test_lstm_cell_step():

@@ -13,4 +13,4 @@ def test_loss_curve_matches_the_pre_optimization_code(name):
     reference = json.loads((ROOT / "tests" / "reference" / f"{name}.json").read_text())
     now = curve(name)
     assert [e[:2] for e in now] == [e[:2] for e in reference]
-    np.testing.assert_allclose([e[2] for e in now], [e[2] for e in reference], rtol=1e-4)
+    np.testing.assert_allclose([e[2] for e in now], [e[2] for e in reference], rtol=1e-5)

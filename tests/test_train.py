@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lmtrain.config import load_config, from_dict
-from lmtrain.optim import LRSchedule, SGD, Adam, clip_grad_norm, global_norm
+from lmtrain.nn.params import ParamStore
+from lmtrain.optim import LRSchedule, SGD, Adam, clip_scale, grad_norm
 from lmtrain.train import fit, reset_streams
 
 
@@ -42,23 +43,50 @@ def test_max_steps_stops_early(tiny_config, tmp_path):
     assert result["steps"] == 3
 
 
-def test_clip_grad_norm_scales_to_the_limit():
-    grads = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
-    assert clip_grad_norm(grads, 1.0) == pytest.approx(5.0)
-    assert global_norm(grads) == pytest.approx(1.0, rel=1e-5)
-    assert clip_grad_norm(grads, 10.0) == pytest.approx(1.0, rel=1e-5)  # under the limit: untouched
+def store_of(**arrays):
+    """A ParamStore holding the given float64 parameter values."""
+    store = ParamStore("float64")
+    for name, value in arrays.items():
+        store.block(name, np.shape(value), {name: np.s_[...]})
+    store.build(order=list(arrays))
+    for name, value in arrays.items():
+        store.params[name][...] = value
+    return store
+
+
+def test_grad_norm_and_clip_scale():
+    store = store_of(a=[0.0, 0.0], b=[[0.0]])
+    store.grads["a"][...] = [3.0, 0.0]
+    store.grads["b"][...] = [[4.0]]
+    assert grad_norm(store) == pytest.approx(5.0)
+    assert clip_scale(5.0, 1.0) == pytest.approx(0.2, rel=1e-5)
+    assert clip_scale(5.0, 10.0) == 1.0 and clip_scale(5.0, None) == 1.0
 
 
 def test_sgd_and_adam_steps():
-    p = {"w": np.array([1.0, -2.0])}
-    SGD(p).step(p, {"w": np.array([0.5, 0.5])}, lr=2.0)
-    assert np.allclose(p["w"], [0.0, -3.0])
-    p = {"w": np.array([1.0])}
-    adam = Adam(p)
-    adam.step(p, {"w": np.array([10.0])}, lr=0.1)  # first Adam step moves by lr whatever the scale
-    assert p["w"][0] == pytest.approx(0.9, abs=1e-6)
+    store = store_of(w=[1.0, -2.0], b=[[3.0]])
+    store.grads["w"][...] = [0.5, 0.5]
+    store.grads["b"][...] = [[1.0]]
+    SGD(store).step(lr=2.0, grad_scale=0.5)  # clipping folded into the update
+    assert np.allclose(store.params["w"], [0.5, -2.5]) and np.allclose(store.params["b"], [[2.0]])
+
+    store = store_of(w=[1.0])
+    adam = Adam(store)
+    store.grads["w"][...] = [10.0]
+    adam.step(lr=0.1)  # the first Adam step moves by lr whatever the gradient's scale
+    assert store.params["w"][0] == pytest.approx(0.9, abs=1e-6)
     state = adam.state_dict()
     assert state["scalars"]["t"] == 1 and set(state["arrays"]) == {"m.w", "v.w"}
+    again = Adam(store_of(w=[0.0]))
+    again.load_state_dict(state)
+    assert np.array_equal(again.m, adam.m) and again.t == 1
+
+    store = store_of(w=[1.0])
+    sgd = SGD(store, momentum=0.9)
+    for _ in range(2):
+        store.grads["w"][...] = [1.0]
+        sgd.step(lr=0.1)
+    assert store.params["w"][0] == pytest.approx(1.0 - 0.1 - 0.19)
 
 
 def schedule(**train):

@@ -82,12 +82,12 @@ class Recurrent:
     (truncated BPTT) and returns the gradient with respect to (h_0, c_0).
     """
 
-    def __init__(self, weight_x, weight_h, bias):
+    def __init__(self, weight_x, weight_h, bias, grads=None):
         H = weight_h.shape[0]
         self.cell = LSTMCell(H)
         self.H = H
         self.params = {"weight_x": weight_x, "weight_h": weight_h, "bias": bias}
-        self.grads = {k: xp.zeros_like(v) for k, v in self.params.items()}
+        self.grads = grads if grads is not None else {k: xp.zeros_like(v) for k, v in self.params.items()}
         self._shape = None
 
     def _buffers(self, T, B, dtype):

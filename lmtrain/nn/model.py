@@ -10,6 +10,7 @@ import numpy as np
 from lmtrain.backend import xp
 from lmtrain.nn.cells import Recurrent
 from lmtrain.nn.layers import Dropout, Embedding, Linear, SoftmaxCrossEntropy
+from lmtrain.nn.params import ParamStore
 
 
 def init_params(cfg, vocab_size, rng, dtype):
@@ -58,43 +59,52 @@ class LanguageModel:
         self.dtype = np.dtype(dtype)
         init_rng = np.random.default_rng([seed, 0])
         self.dropout_rng = np.random.default_rng([seed, 1])
-        p = init_params(cfg, vocab_size, init_rng, self.dtype)
+        values = init_params(cfg, vocab_size, init_rng, self.dtype)
+        V, E, H = vocab_size, cfg.emb_size, cfg.hidden_size
 
-        self.embedding = Embedding(p["embedding.weight"])
-        self.rnns = [Recurrent(p[f"rnn.{i}.weight_x"], p[f"rnn.{i}.weight_h"], p[f"rnn.{i}.bias"])
+        # Layout of the parameter buffer.  The decoder's bias sits next to its
+        # weight: as an extra row of the (H+1, V) block, or, tied, as an extra
+        # column of the (V, E+1) embedding block.
+        store = ParamStore(self.dtype)
+        if cfg.tie_weights:
+            store.block("embedding", (V, E + 1), {"embedding.weight": np.s_[:, :E], "decoder.bias": np.s_[:, E]})
+        else:
+            store.block("embedding", (V, E), {"embedding.weight": np.s_[:]})
+        for i in range(cfg.num_layers):
+            for key in ("weight_x", "weight_h", "bias"):
+                store.block(f"rnn.{i}.{key}", values[f"rnn.{i}.{key}"].shape, {f"rnn.{i}.{key}": np.s_[:]})
+        if not cfg.tie_weights:
+            store.block("decoder", (H + 1, V), {"decoder.weight": np.s_[:H], "decoder.bias": np.s_[H]})
+        self.store = store.build(order=list(values))
+        for name, value in values.items():
+            store.params[name][...] = value
+        p, g = store.params, store.grads
+
+        self.embedding = Embedding(p["embedding.weight"], g["embedding.weight"])
+        self.rnns = [Recurrent(*(p[f"rnn.{i}.{k}"] for k in ("weight_x", "weight_h", "bias")),
+                               grads={k: g[f"rnn.{i}.{k}"] for k in ("weight_x", "weight_h", "bias")})
                      for i in range(cfg.num_layers)]
         # One dropout after the embedding and after every recurrent layer.
         self.dropouts = [Dropout(cfg.dropout, self.dropout_rng) for _ in range(cfg.num_layers + 1)]
-        if cfg.tie_weights:
-            self.decoder = Linear(p["embedding.weight"], p["decoder.bias"], transposed=True)
-            # Both layers write one gradient array: the decoder first, then the
-            # embedding adds its rows to it.
-            self.decoder.grads["weight"] = self.embedding.grads["weight"]
-            self.embedding.accumulate = True
-        else:
-            self.decoder = Linear(p["decoder.weight"], p["decoder.bias"])
+        block, grad_block = store.blocks["embedding" if cfg.tie_weights else "decoder"]
+        self.decoder = Linear(block, grad_block, transposed=cfg.tie_weights)
+        # Tied: the decoder writes the whole (V, E+1) gradient block first, then
+        # the embedding adds its rows to the weight part of it.
+        self.embedding.accumulate = cfg.tie_weights
         self.loss_layer = SoftmaxCrossEntropy()
-
-        # name -> (layer, key): the single place that maps checkpoint names to arrays
-        self._slots = {"embedding.weight": (self.embedding, "weight")}
-        for i, rnn in enumerate(self.rnns):
-            for key in rnn.params:
-                self._slots[f"rnn.{i}.{key}"] = (rnn, key)
-        if not cfg.tie_weights:
-            self._slots["decoder.weight"] = (self.decoder, "weight")
-        self._slots["decoder.bias"] = (self.decoder, "bias")
 
     # -- parameters ---------------------------------------------------------
     @property
     def params(self):
-        return {name: layer.params[key] for name, (layer, key) in self._slots.items()}
+        """name -> parameter array (views into one buffer, in checkpoint order)."""
+        return self.store.params
 
     @property
     def grads(self):
-        return {name: layer.grads[key] for name, (layer, key) in self._slots.items()}
+        return self.store.grads
 
     def num_params(self):
-        return int(sum(p.size for p in self.params.values()))
+        return int(self.store.data.size)
 
     def load_params(self, arrays):
         """Copy arrays (by name) into the model's parameters, in place."""
