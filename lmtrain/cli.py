@@ -86,6 +86,26 @@ def eval_cmd(ckpt, split, text_file, batch_size, as_json, debug):
                    f"{batch_size}, checkpoint {ckpt}")
 
 
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=True))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Training windows per timed repeat.")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed repeats after warm-up; medians are reported.")
+@click.option("--vocab-size", type=click.IntRange(min=3), default=10000, show_default=True,
+              help="Vocabulary of the synthetic token ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@debug_option
+def bench(config, overrides, steps, repeats, vocab_size, as_json, debug):
+    """Time training, evaluation and generation of CONFIG's model on this machine."""
+    from lmtrain.bench import format_report, run_bench
+    from lmtrain.config import load_config
+
+    report = run_bench(load_config(config, overrides), steps=steps, repeats=repeats, vocab_size=vocab_size)
+    click.echo(json.dumps(report) if as_json else format_report(report))
+
+
 def latest_checkpoint(root="runs"):
     found = glob.glob(os.path.join(root, "*", "checkpoints", "best.npz"))
     if not found:

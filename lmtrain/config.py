@@ -60,9 +60,25 @@ class ModelConfig:
     emb_size: int = option(100, "word embedding size", min=1)
     hidden_size: int = option(100, "units per recurrent layer", min=1)
     num_layers: int = option(1, "stacked recurrent layers", min=1)
-    dropout: float = option(0.0, "dropout on the embedding output, between layers and before the decoder",
+    last_hidden_size: typing.Optional[int] = option(None, "units of the last layer, if not hidden_size (AWD-LSTM: "
+                                                    "the embedding size, so the decoder can be tied)", min=1)
+    dropout: float = option(0.0, "dropout rate on the embedding output, between layers and before the decoder",
                             min=0.0, max=1.0)
-    tie_weights: bool = option(False, "share the embedding matrix with the decoder (needs emb_size == hidden_size)")
+    dropout_input: typing.Optional[float] = option(None, "rate on the embedding output (null: model.dropout)",
+                                                   min=0.0, max=1.0)
+    dropout_hidden: typing.Optional[float] = option(None, "rate between recurrent layers (null: model.dropout)",
+                                                    min=0.0, max=1.0)
+    dropout_output: typing.Optional[float] = option(None, "rate before the decoder (null: model.dropout)",
+                                                    min=0.0, max=1.0)
+    dropout_mode: str = option("element", "element: a new mask for every value; locked: one mask per sequence "
+                               "and window, shared across time steps (variational dropout)",
+                               choices=["element", "locked"])
+    embedding_dropout: float = option(0.0, "drop whole word types from the embedding, per forward pass",
+                                      min=0.0, max=1.0)
+    weight_drop: float = option(0.0, "DropConnect rate on the recurrent weights W_h, one mask per forward pass",
+                                min=0.0, max=1.0)
+    tie_weights: bool = option(False, "share the embedding matrix with the decoder (needs emb_size equal to the "
+                               "last layer's size)")
     init: str = option("uniform", "weight initialisation: uniform (every weight U(-init_scale, init_scale)); "
                        "scaled_normal (N(0, 1/fan_in), embedding N(0, 0.01^2)); pytorch (PyTorch's defaults: "
                        "embedding N(0, 1), the rest U(-1/sqrt(H), 1/sqrt(H)) biases included)",
@@ -70,6 +86,7 @@ class ModelConfig:
     init_scale: float = option(0.1, "bound of the uniform initialisation", min=0.0, min_exclusive=True)
     forget_bias: float = option(0.0, "initial bias of the LSTM forget gate; 1 or more makes early memory "
                                 "longer-lived")
+    orthogonal_recurrent: bool = option(False, "initialise each gate block of W_h as an orthogonal matrix")
 
 
 @dataclass
@@ -78,22 +95,37 @@ class TrainConfig:
     bptt: int = option(35, "time steps per truncated-BPTT window", min=1)
     epochs: int = option(4, "passes over the training split", min=1)
     max_steps: typing.Optional[int] = option(None, "stop after this many optimizer steps (for smoke tests)", min=1)
-    optimizer: str = option("sgd", "update rule", choices=["sgd", "adam"])
+    optimizer: str = option("sgd", "update rule; ntasgd: SGD that switches to averaged SGD when validation stops "
+                            "improving (AWD-LSTM); adamw: Adam with decoupled weight decay",
+                            choices=["sgd", "adam", "adamw", "ntasgd"])
     lr: float = option(20.0, "learning rate", min=0.0, min_exclusive=True)
     momentum: float = option(0.0, "sgd: momentum", min=0.0, max=1.0)
     beta1: float = option(0.9, "adam: decay of the first moment", min=0.0, max=1.0)
     beta2: float = option(0.999, "adam: decay of the second moment", min=0.0, max=1.0)
     eps: float = option(1e-8, "adam: denominator guard", min=0.0, min_exclusive=True)
-    weight_decay: float = option(0.0, "L2 penalty added to the gradient", min=0.0)
+    weight_decay: float = option(0.0, "L2 penalty added to the gradient (adamw: decoupled decay)", min=0.0)
+    nonmono: int = option(5, "ntasgd: switch to averaging when validation loss is worse than the best of all but "
+                          "the last nonmono checks", min=1)
     clip_grad_norm: typing.Optional[float] = option(0.25, "clip the global gradient L2 norm to this (null: off)",
                                                     min=0.0, min_exclusive=True)
     lr_schedule: str = option("constant", "constant; step: multiply by lr_decay every epoch after lr_decay_start; "
-                              "plateau: multiply by lr_decay when validation perplexity stops improving",
-                              choices=["constant", "step", "plateau"])
+                              "plateau: multiply by lr_decay when validation perplexity stops improving; cosine: "
+                              "from lr down to min_lr over the run (its steps, or its time_budget)",
+                              choices=["constant", "step", "plateau", "cosine"])
+    warmup_steps: int = option(0, "raise the learning rate linearly from 0 over this many steps", min=0)
+    min_lr: float = option(0.0, "cosine: the final learning rate", min=0.0)
     lr_decay: float = option(0.5, "factor applied by the step and plateau schedules", min=0.0, max=1.0,
                              min_exclusive=True)
     lr_decay_start: int = option(4, "step: the first decay happens after this epoch", min=0)
     plateau_patience: int = option(0, "plateau: epochs without improvement tolerated before decaying", min=0)
+    variable_bptt: bool = option(False, "draw each window's length around bptt (AWD-LSTM: N(bptt, 5), bptt/2 "
+                                 "with probability 0.05) and scale the learning rate by length / bptt")
+    ar: float = option(0.0, "activation regularisation: ar * mean(h^2) of the last layer's dropped output", min=0.0)
+    tar: float = option(0.0, "temporal activation regularisation: tar * mean((h_t - h_{t-1})^2) of the last "
+                        "layer's output", min=0.0)
+    time_budget: typing.Optional[float] = option(None, "minutes: stop training early enough that the final "
+                                                 "validation, test and checkpoints finish within this time",
+                                                 min=0.0, min_exclusive=True)
     state_reset_prob: float = option(0.0, "chance that a stream's carried state is zeroed at a window start; "
                                      "above 0 the model also learns to start from an empty state, as "
                                      "generation does", min=0.0, max=1.0)
@@ -135,7 +167,7 @@ class Config:
 # what it logs or keeps, never the model, the data or the updates.
 SAFE_TO_CHANGE_ON_RESUME = {
     "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
-    "train.keep_last", "train.max_bad_steps", "train.bad_step_lr_factor",
+    "train.keep_last", "train.max_bad_steps", "train.bad_step_lr_factor", "train.time_budget",
     "data.root", "data.download", "data.url", "data.cache", "output.dir", "output.name",
 }
 
@@ -247,10 +279,14 @@ def from_dict(raw, source=""):
 def validate(cfg, source=""):
     """Rules that involve more than one key."""
     d, m, t = cfg.data, cfg.model, cfg.train
-    if m.tie_weights and m.emb_size != m.hidden_size:
+    last = m.last_hidden_size or m.hidden_size
+    if m.tie_weights and m.emb_size != last:
+        which = "model.last_hidden_size" if m.last_hidden_size else "model.hidden_size"
         raise ConfigError(
-            f"{source}model.tie_weights needs model.emb_size == model.hidden_size "
-            f"(the decoder reads the last layer's {m.hidden_size} units), got {m.emb_size} and {m.hidden_size}")
+            f"{source}model.tie_weights needs model.emb_size == {which} "
+            f"(the decoder reads the last layer's {last} units), got {m.emb_size} and {last}")
+    if t.optimizer == "ntasgd" and t.momentum:
+        raise ConfigError(f"{source}train.optimizer ntasgd averages plain SGD steps; set train.momentum to 0")
     if d.source == "text":
         missing = [k for k in ("train", "valid", "test") if getattr(d, k) is None]
         if missing:

@@ -4,6 +4,7 @@ Optimizers update parameter arrays in place from gradient arrays with the same
 names.  Their state (momentum, Adam moments, step count) is a dict of named
 arrays plus scalars so that checkpoints can store it without pickling.
 """
+import contextlib
 import math
 
 from lmtrain.backend import xp
@@ -22,7 +23,20 @@ def clip_scale(norm, max_norm):
     return max_norm / (norm + 1e-6)
 
 
-class SGD:
+class Optimizer:
+    """What every optimizer offers besides ``step``: by default, evaluation uses the weights as they are."""
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Inside: the parameters are the ones evaluation and checkpoints should use."""
+        yield
+
+    def observe_validation(self, loss):
+        """Called after each validation; returns True when the optimizer changed its regime."""
+        return False
+
+
+class SGD(Optimizer):
     """p -= lr * g, with optional momentum and L2 weight decay, on the whole parameter buffer at once.
 
     ``step`` uses the gradient buffer as scratch space: read the gradients before it.
@@ -61,13 +75,86 @@ class SGD:
                 v[...] = state["arrays"][f"velocity.{k}"]
 
 
-class Adam:
-    """Adam (Kingma & Ba 2015) with bias correction and L2 weight decay, on the whole buffer at once."""
+class NTASGD(SGD):
+    """Non-monotonically triggered averaged SGD (Merity et al. 2017).
 
-    def __init__(self, store, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    Plain SGD until a validation loss is worse than the best of all checks
+    but the last ``nonmono``; from then on it also keeps the running mean of
+    the parameters after every step, and evaluation and checkpoints use that
+    mean.
+    """
+
+    def __init__(self, store, nonmono=5, weight_decay=0.0):
+        super().__init__(store, momentum=0.0, weight_decay=weight_decay)
+        self.nonmono = nonmono
+        self.history = []
+        self.averaging = False
+        self.avg = None
+        self.n_avg = 0
+
+    def step(self, lr, grad_scale=1.0):
+        super().step(lr, grad_scale)
+        if self.averaging:
+            self.n_avg += 1
+            g = self.store.grad  # scratch: avg += (p - avg) / n
+            xp.subtract(self.store.data, self.avg, out=g)
+            g *= g.dtype.type(1.0 / self.n_avg)
+            self.avg += g
+
+    def observe_validation(self, loss):
+        switch = (not self.averaging and len(self.history) > self.nonmono
+                  and loss > min(self.history[:-self.nonmono]))
+        self.history.append(loss)
+        if switch:
+            self.averaging = True
+            self.avg = self.store.data.copy()
+            self.n_avg = 1
+        return switch
+
+    @contextlib.contextmanager
+    def averaged(self):
+        if not self.averaging:
+            yield
+            return
+        p = self.store.data
+        raw = p.copy()
+        p[...] = self.avg
+        try:
+            yield
+        finally:
+            p[...] = raw
+
+    def state_dict(self):
+        """The raw (not averaged) weights travel here; the checkpoint's parameters are the averaged ones."""
+        # copies: the caller saves them while the averaged weights occupy the parameter buffer
+        raw = self.store.views_of(self.store.data.copy()) if self.averaging else {}
+        arrays = {f"raw.{k}": v for k, v in raw.items()}
+        return {"arrays": arrays, "scalars": {"history": self.history, "averaging": self.averaging,
+                                              "n_avg": self.n_avg}}
+
+    def load_state_dict(self, state):
+        """Call after the checkpoint's (averaged) parameters were loaded into the model."""
+        sc = state["scalars"]
+        self.history, self.averaging, self.n_avg = list(sc["history"]), sc["averaging"], sc["n_avg"]
+        if self.averaging:
+            self.avg = self.store.data.copy()
+            for k, v in self.store.views_of(self.store.data).items():
+                v[...] = state["arrays"][f"raw.{k}"]
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015) with bias correction, on the whole buffer at once.
+
+    ``weight_decay`` is an L2 term added to the gradient, or with
+    ``decoupled=True`` (AdamW, Loshchilov & Hutter 2019) a shrinking of the
+    weights by lr * weight_decay outside the adaptive update.
+    """
+
+    def __init__(self, store, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False):
         self.store = store
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.weight_decay = weight_decay
+        self.decoupled = decoupled
         self.m = xp.zeros_like(store.data)
         self.v = xp.zeros_like(store.data)
         self.tmp = xp.empty_like(store.data)
@@ -80,7 +167,9 @@ class Adam:
         f = p.dtype.type
         if grad_scale != 1.0:
             g *= f(grad_scale)
-        if self.weight_decay:
+        if self.weight_decay and self.decoupled:
+            p *= f(1.0 - lr * self.weight_decay)
+        elif self.weight_decay:
             g += f(self.weight_decay) * p
         step_size = lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
         v *= f(b2)
@@ -110,23 +199,38 @@ class Adam:
 
 
 def make_optimizer(train_cfg, store):
-    if train_cfg.optimizer == "sgd":
-        return SGD(store, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay)
-    return Adam(store, beta1=train_cfg.beta1, beta2=train_cfg.beta2, eps=train_cfg.eps,
-                weight_decay=train_cfg.weight_decay)
+    t = train_cfg
+    if t.optimizer == "sgd":
+        return SGD(store, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "ntasgd":
+        return NTASGD(store, nonmono=t.nonmono, weight_decay=t.weight_decay)
+    return Adam(store, beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
+                decoupled=t.optimizer == "adamw")
 
 
 class LRSchedule:
-    """Learning rate per epoch: constant, step decay, or decay on a validation plateau."""
+    """The learning rate: a base rate per epoch (constant, step decay, decay on a validation plateau),
+    shaped per step by linear warm-up and, for ``cosine``, a half cosine from lr to min_lr."""
 
     def __init__(self, train_cfg):
         self.kind = train_cfg.lr_schedule
         self.decay = train_cfg.lr_decay
         self.decay_start = train_cfg.lr_decay_start
         self.patience = train_cfg.plateau_patience
+        self.warmup = train_cfg.warmup_steps
+        self.min_lr = train_cfg.min_lr
         self.lr = train_cfg.lr
         self.best = math.inf
         self.bad_epochs = 0
+
+    def at(self, step, progress):
+        """Rate for optimizer step ``step`` (0-based) when ``progress`` (0..1) of the run is done."""
+        lr = self.lr
+        if self.kind == "cosine":
+            lr = self.min_lr + (lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        if self.warmup and step < self.warmup:
+            lr *= (step + 1) / self.warmup
+        return lr
 
     def epoch_end(self, epoch, valid_ppl):
         """Called after each epoch's validation; returns the rate for the next epoch."""

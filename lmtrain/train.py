@@ -196,7 +196,9 @@ class Trainer:
         self.model = LanguageModel(cfg.model, len(corpus.vocab), seed=cfg.seed, dtype=self.t.dtype)
         self.optimizer = make_optimizer(self.t, self.model.store)
         self.schedule = LRSchedule(self.t)
-        self.rngs = {"dropout": self.model.dropout_rng, "reset": np.random.default_rng([cfg.seed, 2])}
+        self.model.set_regularization(self.t.ar, self.t.tar)
+        self.rngs = {"dropout": self.model.dropout_rng, "reset": np.random.default_rng([cfg.seed, 2]),
+                     "bptt": np.random.default_rng([cfg.seed, 3])}
         self.train_data = batchify(corpus.train, self.t.batch_size)
         self.state = self.model.init_state(self.t.batch_size)
         self.p = Progress()
@@ -204,6 +206,9 @@ class Trainer:
         self.elapsed_before = 0.0  # training time of earlier sessions of this run
         self.start = time.perf_counter()
         self.last_save = time.perf_counter()
+        self.eval_seconds = None  # duration of the last validation, to keep time for the final one
+        self.session_tokens = 0   # tokens trained since this process started
+        self.stopped_by_budget = False
 
     # -- checkpoints and log ------------------------------------------------
     def elapsed(self):
@@ -228,7 +233,8 @@ class Trainer:
             "rng": {k: g.bit_generator.state for k, g in self.rngs.items()},
         }
         path = os.path.join(self.ckpt_dir, name)
-        save_checkpoint(path, self.model.params, meta, {"optim": opt["arrays"], "state": carried})
+        with self.optimizer.averaged():  # NT-ASGD: the file's weights are the averaged ones
+            save_checkpoint(path, self.model.params, meta, {"optim": opt["arrays"], "state": carried})
         self.last_save = time.perf_counter()
         return path
 
@@ -317,7 +323,43 @@ class Trainer:
             return self.final_test()
 
     def out_of_steps(self):
-        return self.t.max_steps is not None and self.p.step >= self.t.max_steps
+        """True when max_steps is reached or the time budget leaves only what the final evaluation needs."""
+        if self.t.max_steps is not None and self.p.step >= self.t.max_steps:
+            return True
+        if self.t.time_budget is not None and not self.stopped_by_budget:
+            self.stopped_by_budget = self.elapsed() >= self.training_seconds()
+        return self.stopped_by_budget
+
+    def training_seconds(self):
+        """Of the time budget, what training may use: the rest is kept for validation, test and saving."""
+        n_eval = len(self.corpus.valid) + len(self.corpus.test)
+        if self.eval_seconds is not None:
+            final = self.eval_seconds * n_eval / len(self.corpus.valid)
+        elif self.session_tokens:  # no validation yet: forward-only runs about three times faster than training
+            rate = self.session_tokens / max(time.perf_counter() - self.start, 1e-3)
+            final = n_eval / (3 * rate)
+        else:
+            final = 0.0
+        return 60 * self.t.time_budget - 1.2 * final - 5.0
+
+    def progress(self):
+        """Fraction of the run done, for the cosine schedule: by steps, or by time under a budget."""
+        t = self.t
+        windows = (len(self.train_data) - 2) // t.bptt + 1
+        total = t.max_steps or t.epochs * windows
+        by_steps = self.p.step / total
+        if t.time_budget is None:
+            return by_steps
+        return max(by_steps, self.elapsed() / max(self.training_seconds(), 1e-9))
+
+    def window_length(self):
+        """bptt, or with variable_bptt a length drawn as AWD-LSTM does."""
+        t = self.t
+        if not t.variable_bptt:
+            return t.bptt
+        rng = self.rngs["bptt"]
+        base = t.bptt if rng.random() < 0.95 else t.bptt / 2
+        return int(min(max(5, int(rng.normal(base, 5))), t.bptt + 20))
 
     def train_epoch(self, signals):
         """Train from the current position to the end of the epoch (or max_steps, or a signal).
@@ -332,10 +374,13 @@ class Trainer:
         bar = tqdm(total=n_rows - 1, initial=p.pos, desc=f"epoch {p.epoch}/{t.epochs}", unit="tok/stream",
                    disable=True if self.quiet else None, leave=False, dynamic_ncols=True)
         while p.pos < n_rows - 1 and not self.out_of_steps():
-            T = min(t.bptt, n_rows - 1 - p.pos)
+            T = min(self.window_length(), n_rows - 1 - p.pos)
             x, y = self.train_data[p.pos:p.pos + T], self.train_data[p.pos + 1:p.pos + 1 + T]
-            lr = self.schedule.lr
+            lr = self.schedule.at(p.step, self.progress())
+            if t.variable_bptt:  # a longer window sums more steps: keep the per-token rate
+                lr *= T / t.bptt
             loss, norm, ok = self.train_step(x, y, lr)
+            self.session_tokens += y.size
             p.pos += T
             p.step += 1
             bar.update(T)
@@ -385,12 +430,20 @@ class Trainer:
         t, p = self.t, self.p
         complete = p.pos >= len(self.train_data) - 1  # False when max_steps stopped it inside the epoch
         eval_start = time.perf_counter()
-        v_loss, valid_ppl, v_count = evaluate(self.model, self.corpus.valid, t.eval_batch_size, t.bptt)
+        with self.optimizer.averaged():
+            v_loss, valid_ppl, v_count = evaluate(self.model, self.corpus.valid, t.eval_batch_size, t.bptt)
         now = time.perf_counter()
+        self.eval_seconds = now - eval_start
         train_ppl = perplexity(p.epoch_loss / p.epoch_tokens) if p.epoch_tokens else None
-        lr = self.schedule.lr
+        lr = self.schedule.at(p.step, self.progress())
         self.log("valid", split="valid", loss=v_loss, ppl=valid_ppl, lr=lr,
                  tokens_per_s=v_count / max(now - eval_start, 1e-9), tokens=v_count, train_ppl=train_ppl)
+        if self.stopped_by_budget:
+            self.log("time_budget", budget_minutes=t.time_budget)
+            self.say(f"time budget of {t.time_budget:g} min reached at step {p.step}: evaluating and saving")
+        if self.optimizer.observe_validation(v_loss):
+            self.log("switch_to_averaging", lr=lr)
+            self.say(f"validation stopped improving: averaging the weights from step {p.step} on (NT-ASGD)")
         improved = valid_ppl < p.best_valid_ppl
         p.best_valid_ppl = min(p.best_valid_ppl, valid_ppl)
         self.valid_ppl = valid_ppl

@@ -131,7 +131,7 @@ CASES = [
     ("lr-nan", "learning rate .nan", lambda: write("c.yaml", "train:\n  lr: .nan\n"), ["fit", "c.yaml"],
      "'train.lr' must be a finite number", 2),
     ("bad-choice", "unknown optimizer", lambda: write("c.yaml", "train:\n  optimizer: rmsprop\n"), ["fit", "c.yaml"],
-     "'train.optimizer' must be one of sgd, adam; got 'rmsprop'", 2),
+     "'train.optimizer' must be one of sgd, adam, adamw, ntasgd; got 'rmsprop'", 2),
     ("tie-sizes", "tying with unequal sizes",
      lambda: write("c.yaml", "model: {emb_size: 10, hidden_size: 20, tie_weights: true}\n"), ["fit", "c.yaml"],
      "model.tie_weights needs model.emb_size == model.hidden_size", 2),

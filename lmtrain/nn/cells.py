@@ -80,31 +80,54 @@ class Recurrent:
     The state (h_0, c_0) comes in and (h_T, c_T) goes out, so consecutive
     windows continue one sequence; ``backward`` stops at the window's start
     (truncated BPTT) and returns the gradient with respect to (h_0, c_0).
+
+    ``weight_drop`` > 0 is DropConnect on the recurrent weights (Wan et al.
+    2013, as AWD-LSTM uses it): each training forward pass draws one mask
+    over W_h, used at every step of the window.
     """
 
-    def __init__(self, weight_x, weight_h, bias, grads=None):
+    def __init__(self, weight_x, weight_h, bias, grads=None, weight_drop=0.0, rng=None):
         H = weight_h.shape[0]
         self.cell = LSTMCell(H)
         self.H = H
         self.params = {"weight_x": weight_x, "weight_h": weight_h, "bias": bias}
         self.grads = grads if grads is not None else {k: xp.zeros_like(v) for k, v in self.params.items()}
-        self._shape = None
+        self.weight_drop = float(weight_drop)
+        self.rng = rng
+        self.frozen = False      # reuse the current weight mask (gradient checks)
+        self.wmask = None        # (H, 4H) scaled keep-mask of this forward pass, or None
+        self._capacity = (0, None, None)
 
     def _buffers(self, T, B, dtype):
-        # Owned by the layer and reused from window to window.
-        if self._shape != (T, B, dtype):
-            H = self.H
-            self.act = xp.empty((T, B, 4 * H), dtype)
-            self.h = xp.empty((T + 1, B, H), dtype)
-            self.c = xp.empty((T + 1, B, H), dtype)
-            self.tanh_c = xp.empty((T, B, H), dtype)
-            self.dact = xp.empty((T, B, 4 * H), dtype)
-            self._shape = (T, B, dtype)
+        """Views of length T into buffers the layer owns; they only grow, so varying T costs nothing."""
+        if self._capacity[0] < T or self._capacity[1:] != (B, dtype):
+            H, cap = self.H, max(T, self._capacity[0] if self._capacity[1:] == (B, dtype) else 0)
+            self._act = xp.empty((cap, B, 4 * H), dtype)
+            self._h = xp.empty((cap + 1, B, H), dtype)
+            self._c = xp.empty((cap + 1, B, H), dtype)
+            self._tanh_c = xp.empty((cap, B, H), dtype)
+            self._dact = xp.empty((cap, B, 4 * H), dtype)
+            self._capacity = (cap, B, dtype)
+        self.act, self.h, self.c = self._act[:T], self._h[:T + 1], self._c[:T + 1]
+        self.tanh_c, self.dact = self._tanh_c[:T], self._dact[:T]
 
-    def forward(self, x, state):
+    def recurrent_weight(self, train):
+        """W_h as this pass uses it: with a fresh DropConnect mask when training with weight_drop."""
+        Wh = self.params["weight_h"]
+        if not (train and self.weight_drop > 0):
+            self.wmask = None
+            return Wh
+        if not (self.frozen and self.wmask is not None):
+            keep = 1.0 - self.weight_drop
+            self.wmask = (self.rng.random(Wh.shape, dtype=Wh.dtype) < keep).astype(Wh.dtype)
+            self.wmask *= Wh.dtype.type(1.0 / keep)
+        return Wh * self.wmask
+
+    def forward(self, x, state, train=False):
         T, B, D = x.shape
         H = self.H
-        Wx, Wh, b = self.params["weight_x"], self.params["weight_h"], self.params["bias"]
+        Wx, b = self.params["weight_x"], self.params["bias"]
+        self.Wh = Wh = self.recurrent_weight(train)
         self._buffers(T, B, x.dtype)
         self.x = x
         act, h, c = self.act, self.h, self.c
@@ -122,7 +145,7 @@ class Recurrent:
         D = self.x.shape[2]
         Wx = self.params["weight_x"]
         # A contiguous W_h^T: BLAS multiplies by it about twice as fast as by the transposed view.
-        WhT = xp.ascontiguousarray(self.params["weight_h"].T)
+        WhT = xp.ascontiguousarray(self.Wh.T)
         dact = self.dact
         if dstate is None:
             dh_next = xp.zeros((B, H), dh_out.dtype)
@@ -136,6 +159,8 @@ class Recurrent:
         da2 = dact.reshape(T * B, 4 * H)
         xp.matmul(self.x.reshape(T * B, D).T, da2, out=self.grads["weight_x"])
         xp.matmul(self.h[:T].reshape(T * B, H).T, da2, out=self.grads["weight_h"])
+        if self.wmask is not None:
+            self.grads["weight_h"] *= self.wmask
         da2.sum(axis=0, out=self.grads["bias"])
         dx = (da2 @ Wx.T).reshape(T, B, D)
         return dx, (dh_next, dc)

@@ -13,21 +13,45 @@ from lmtrain.backend import parallel_rows, xp
 
 
 class Embedding:
-    """ids (T, B) -> vectors (T, B, E): row ``ids[t, b]`` of ``weight`` (V, E)."""
+    """ids (T, B) -> vectors (T, B, E): row ``ids[t, b]`` of ``weight`` (V, E).
 
-    def __init__(self, weight, grad=None):
+    ``word_drop`` > 0 is embedding dropout (Gal & Ghahramani 2016, as in
+    AWD-LSTM): each training forward pass removes whole word types, every
+    occurrence of a dropped word in the window reading a zero vector, and
+    scales the kept ones by 1/(1-p).
+    """
+
+    def __init__(self, weight, grad=None, word_drop=0.0, rng=None):
         self.params = {"weight": weight}
         self.grads = {"weight": xp.zeros_like(weight) if grad is None else grad}
         # With tied weights the decoder writes its part of this gradient first
         # and the embedding adds to it (see LanguageModel).
         self.accumulate = False
+        self.word_drop = float(word_drop)
+        self.rng = rng
+        self.frozen = False
+        self.scale = None        # (T, B, 1) per-occurrence factor of this pass, or None
+        self.word_mask = None    # (V,) scaled keep-mask over word types
         self.ids = None
 
-    def forward(self, ids):
+    def forward(self, ids, train=False):
         self.ids = ids
-        return self.params["weight"][ids]
+        out = self.params["weight"][ids]
+        if not (train and self.word_drop > 0):
+            self.scale = None
+            return out
+        W = self.params["weight"]
+        if not (self.frozen and self.word_mask is not None):
+            keep = 1.0 - self.word_drop
+            self.word_mask = (self.rng.random(W.shape[0], dtype=W.dtype) < keep).astype(W.dtype)
+            self.word_mask *= W.dtype.type(1.0 / keep)
+        self.scale = self.word_mask[ids][..., None]
+        out *= self.scale
+        return out
 
     def backward(self, dout):
+        if self.scale is not None:
+            dout = dout * self.scale
         grad = self.grads["weight"]
         if not self.accumulate:
             grad.fill(0)
@@ -83,15 +107,20 @@ class Linear:
 
 
 class Dropout:
-    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    """Inverted dropout: zero with probability p, scale the kept values by 1/(1-p).
 
-    ``frozen`` reuses the last mask, so a gradient check can perturb
-    parameters while the noise stays fixed.
+    ``locked=False``: a fresh mask for every element.  ``locked=True``
+    (variational dropout, Gal & Ghahramani 2016): one mask per sequence per
+    window, shape (1, B, D), shared by every time step, so a unit dropped
+    for a stream stays dropped for the whole window.  ``frozen`` reuses the
+    last mask, so a gradient check can perturb parameters while the noise
+    stays fixed.
     """
 
-    def __init__(self, p, rng):
+    def __init__(self, p, rng, locked=False):
         self.p = float(p)
         self.rng = rng
+        self.locked = locked
         self.mask = None
         self.frozen = False
         self.params, self.grads = {}, {}
@@ -100,10 +129,11 @@ class Dropout:
         if not train or self.p == 0.0:
             self.mask = None
             return x
-        if not (self.frozen and self.mask is not None and self.mask.shape == x.shape):
+        shape = (1,) + x.shape[1:] if self.locked else x.shape
+        if not (self.frozen and self.mask is not None and self.mask.shape == shape):
             keep = 1.0 - self.p
             # Sample in the activations' dtype: a float64 mask would double the traffic.
-            self.mask = (self.rng.random(x.shape, dtype=x.dtype) < keep).astype(x.dtype)
+            self.mask = (self.rng.random(shape, dtype=x.dtype) < keep).astype(x.dtype)
             self.mask *= x.dtype.type(1.0 / keep)
         return x * self.mask
 

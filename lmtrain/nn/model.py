@@ -1,9 +1,16 @@
 """The language model: embedding -> stacked LSTM -> dropout -> decoder -> softmax.
 
-Dropout (rate ``model.dropout``) is applied to the embedding output, between
-recurrent layers and before the decoder, the non-recurrent connections of
-Zaremba et al. (2014).  With ``tie_weights`` the decoder uses the embedding
-matrix: logits = h E^T + b.
+Dropout sits on the non-recurrent connections (Zaremba et al. 2014): on the
+embedding output (``dropout_input``), between recurrent layers
+(``dropout_hidden``) and before the decoder (``dropout_output``), either per
+element or locked across time (``dropout_mode``).  Embedding dropout removes
+whole words and weight drop masks W_h (AWD-LSTM, Merity et al. 2017).  With
+``tie_weights`` the decoder uses the embedding matrix: logits = h E^T + b.
+
+Training may add activation regularisation, ar * mean(h_drop^2) on the last
+layer's dropped output, and temporal activation regularisation,
+tar * mean((h_t - h_{t-1})^2) on its output before dropout.  ``loss`` returns
+the NLL alone (what perplexity measures); ``objective`` includes them.
 """
 import numpy as np
 
@@ -13,42 +20,60 @@ from lmtrain.nn.layers import Dropout, Embedding, Linear, SoftmaxCrossEntropy
 from lmtrain.nn.params import ParamStore
 
 
+def layer_sizes(cfg):
+    """Units of each recurrent layer."""
+    sizes = [cfg.hidden_size] * cfg.num_layers
+    if cfg.last_hidden_size:
+        sizes[-1] = cfg.last_hidden_size
+    return sizes
+
+
+def orthogonal(rng, n):
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))  # a uniformly random orthogonal matrix
+
+
 def init_params(cfg, vocab_size, rng, dtype):
     """Named parameter arrays, in a fixed order (the checkpoint's order)."""
-    V, E, H, L = vocab_size, cfg.emb_size, cfg.hidden_size, cfg.num_layers
+    V, E = vocab_size, cfg.emb_size
+    sizes = layer_sizes(cfg)
 
     # (shape, fan_in) -> array, per scheme; biases are zero except under "pytorch"
     if cfg.init == "uniform":
-        def weight(shape, fan_in):
+        def weight(shape, fan_in, H=None):
             return rng.uniform(-cfg.init_scale, cfg.init_scale, size=shape)
         embedding = weight((V, E), None)
     elif cfg.init == "scaled_normal":
-        def weight(shape, fan_in):
+        def weight(shape, fan_in, H=None):
             return rng.standard_normal(shape) / np.sqrt(fan_in)
         embedding = rng.standard_normal((V, E)) * 0.01
     else:  # pytorch: nn.Embedding, nn.LSTM and nn.Linear defaults
-        def weight(shape, fan_in):
-            bound = 1.0 / np.sqrt(H if fan_in is None else fan_in)
+        def weight(shape, fan_in, H=None):
+            bound = 1.0 / np.sqrt(H if H is not None else fan_in)
             return rng.uniform(-bound, bound, size=shape)
         embedding = rng.standard_normal((V, E))
 
-    def bias(size, fan_in):
-        return weight((size,), fan_in) if cfg.init == "pytorch" else np.zeros(size)
-
     params = {"embedding.weight": embedding}
-    for layer in range(L):
-        D = E if layer == 0 else H
+    for layer, H in enumerate(sizes):
+        D = E if layer == 0 else sizes[layer - 1]
         p = f"rnn.{layer}."
-        # nn.LSTM bounds every tensor by 1/sqrt(H), whatever its fan-in
-        fan_x = H if cfg.init == "pytorch" else D
-        params[p + "weight_x"] = weight((D, 4 * H), fan_x)
-        params[p + "weight_h"] = weight((H, 4 * H), H)
-        params[p + "bias"] = bias(4 * H, H)
+        params[p + "weight_x"] = weight((D, 4 * H), D, H)   # nn.LSTM bounds by 1/sqrt(H) whatever the fan-in
+        params[p + "weight_h"] = weight((H, 4 * H), H, H)
+        if cfg.orthogonal_recurrent:
+            params[p + "weight_h"] = np.concatenate([orthogonal(rng, H) for _ in range(4)], axis=1)
+        params[p + "bias"] = weight((4 * H,), H, H) if cfg.init == "pytorch" else np.zeros(4 * H)
         params[p + "bias"][:H] += cfg.forget_bias  # gate order f, i, o, g
+    H = sizes[-1]
     if not cfg.tie_weights:
         params["decoder.weight"] = weight((H, V), H)
-    params["decoder.bias"] = bias(V, H)
+    params["decoder.bias"] = weight((V,), H) if cfg.init == "pytorch" else np.zeros(V)
     return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}
+
+
+def dropout_rates(cfg):
+    """(input, between layers, output) dropout rates."""
+    pick = lambda r: cfg.dropout if r is None else r  # noqa: E731
+    return pick(cfg.dropout_input), pick(cfg.dropout_hidden), pick(cfg.dropout_output)
 
 
 class LanguageModel:
@@ -60,7 +85,9 @@ class LanguageModel:
         init_rng = np.random.default_rng([seed, 0])
         self.dropout_rng = np.random.default_rng([seed, 1])
         values = init_params(cfg, vocab_size, init_rng, self.dtype)
-        V, E, H = vocab_size, cfg.emb_size, cfg.hidden_size
+        V, E = vocab_size, cfg.emb_size
+        self.sizes = sizes = layer_sizes(cfg)
+        H = sizes[-1]
 
         # Layout of the parameter buffer.  The decoder's bias sits next to its
         # weight: as an extra row of the (H+1, V) block, or, tied, as an extra
@@ -80,18 +107,24 @@ class LanguageModel:
             store.params[name][...] = value
         p, g = store.params, store.grads
 
-        self.embedding = Embedding(p["embedding.weight"], g["embedding.weight"])
-        self.rnns = [Recurrent(*(p[f"rnn.{i}.{k}"] for k in ("weight_x", "weight_h", "bias")),
-                               grads={k: g[f"rnn.{i}.{k}"] for k in ("weight_x", "weight_h", "bias")})
+        rng = self.dropout_rng
+        self.embedding = Embedding(p["embedding.weight"], g["embedding.weight"], cfg.embedding_dropout, rng)
+        keys = ("weight_x", "weight_h", "bias")
+        self.rnns = [Recurrent(*(p[f"rnn.{i}.{k}"] for k in keys), grads={k: g[f"rnn.{i}.{k}"] for k in keys},
+                               weight_drop=cfg.weight_drop, rng=rng)
                      for i in range(cfg.num_layers)]
-        # One dropout after the embedding and after every recurrent layer.
-        self.dropouts = [Dropout(cfg.dropout, self.dropout_rng) for _ in range(cfg.num_layers + 1)]
+        # One dropout after the embedding, one between each pair of layers, one before the decoder.
+        rate_in, rate_hidden, rate_out = dropout_rates(cfg)
+        rates = [rate_in] + [rate_hidden] * (cfg.num_layers - 1) + [rate_out]
+        self.dropouts = [Dropout(r, rng, locked=cfg.dropout_mode == "locked") for r in rates]
         block, grad_block = store.blocks["embedding" if cfg.tie_weights else "decoder"]
         self.decoder = Linear(block, grad_block, transposed=cfg.tie_weights)
         # Tied: the decoder writes the whole (V, E+1) gradient block first, then
         # the embedding adds its rows to the weight part of it.
         self.embedding.accumulate = cfg.tie_weights
         self.loss_layer = SoftmaxCrossEntropy()
+        self.ar = self.tar = 0.0
+        self.reg_loss = 0.0
 
     # -- parameters ---------------------------------------------------------
     @property
@@ -113,44 +146,69 @@ class LanguageModel:
             target[...] = xp.asarray(value, dtype=target.dtype)
 
     def init_state(self, batch_size):
-        H = self.cfg.hidden_size
         return [(xp.zeros((batch_size, H), self.dtype), xp.zeros((batch_size, H), self.dtype))
-                for _ in self.rnns]
+                for H in self.sizes]
+
+    def set_regularization(self, ar=0.0, tar=0.0):
+        """Coefficients of AR and TAR, applied by training forward passes."""
+        self.ar, self.tar = float(ar), float(tar)
 
     # -- computation --------------------------------------------------------
     def forward(self, ids, state, train=False):
         """ids (T, B) -> logits (T*B, V) and the state after the window."""
-        x = self.embedding.forward(ids)
+        x = self.embedding.forward(ids, train)
         x = self.dropouts[0].forward(x, train)
         new_state = []
         for rnn, drop, s in zip(self.rnns, self.dropouts[1:], state):
-            x, s = rnn.forward(x, s)
-            x = drop.forward(x, train)
+            h, s = rnn.forward(x, s, train)
+            x = drop.forward(h, train)
             new_state.append(s)
+        self.h_last, self.h_drop = h, x
+        self.regularize = train and (self.ar > 0 or self.tar > 0)
+        self.reg_loss = self._reg_loss() if self.regularize else 0.0
         T, B, H = x.shape
         logits = self.decoder.forward(x.reshape(T * B, H))
         return logits, new_state
 
+    def _reg_loss(self):
+        h, hd = self.h_last, self.h_drop
+        loss = self.ar * float(xp.mean(hd * hd)) if self.ar else 0.0
+        if self.tar and len(h) > 1:
+            diff = h[1:] - h[:-1]
+            loss += self.tar * float(xp.mean(diff * diff))
+        return loss
+
     def loss(self, logits, targets, weights=None):
-        """Mean NLL of ``targets`` (T, B); the softmax overwrites ``logits``."""
+        """Mean NLL of ``targets`` (T, B), the quantity perplexity is made of."""
         mean, self.loss_sum, self.loss_count = self.loss_layer.forward(logits, targets, weights)
+        self.objective = mean + self.reg_loss
         return mean
 
     def backward(self, dstate=None):
-        """Fill ``grads`` from the last ``loss``; return d loss / d (initial state)."""
+        """Gradients of ``objective`` (NLL, plus AR/TAR when training) into ``grads``.
+
+        Returns d objective / d (initial state), per layer.
+        """
         d = self.loss_layer.backward()
         d = self.decoder.backward(d)
         T, B = self.embedding.ids.shape
         d = d.reshape(T, B, -1)
+        if self.regularize and self.ar:
+            d = d + (2 * self.ar / self.h_drop.size) * self.h_drop
         dstate0 = [None] * len(self.rnns)
         for i in reversed(range(len(self.rnns))):
             d = self.dropouts[i + 1].backward(d)
+            if i == len(self.rnns) - 1 and self.regularize and self.tar and T > 1:
+                h = self.h_last
+                g = (2 * self.tar / (h.size - h[0].size)) * (h[1:] - h[:-1])
+                d[1:] += g  # d is a fresh array here (from the decoder's or the dropout's backward)
+                d[:-1] -= g
             d, dstate0[i] = self.rnns[i].backward(d, None if dstate is None else dstate[i])
         d = self.dropouts[0].backward(d)
         self.embedding.backward(d)
         return dstate0
 
     def freeze_dropout(self, frozen=True):
-        """Reuse the current dropout masks (for gradient checks)."""
-        for drop in self.dropouts:
-            drop.frozen = frozen
+        """Reuse the current dropout, embedding-dropout and weight-drop masks (for gradient checks)."""
+        for layer in [*self.dropouts, *self.rnns, self.embedding]:
+            layer.frozen = frozen

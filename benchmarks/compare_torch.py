@@ -1,0 +1,184 @@
+"""lmtrain against PyTorch's nn.LSTM: the same model, the same machine, one process, alternating.
+
+    python benchmarks/compare_torch.py                       # configs S and M
+    python benchmarks/compare_torch.py configs/ptb-small.yaml --repeats 9 --json
+
+For each config, the PyTorch model (Embedding, nn.LSTM, Linear, the same
+dropout, tying, clipping and plain SGD) and lmtrain's Trainer.train_step run
+the same synthetic token ids.  They take turns, repeat after repeat, so that
+drift on a shared machine hits both alike; each figure is a median, and only
+the ratios are meant to be compared.  torch is an optional extra:
+`pip install -e '.[bench]'` (on the project's machines `pip install torch==2.13.0`
+takes the CPU build from local disk).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+try:
+    import torch
+except ImportError:
+    print("PyTorch is not installed, so there is nothing to compare against: pip install -e '.[bench]' "
+          "(on the project's machines: pip install torch==2.13.0)")
+    sys.exit(0)
+
+from lmtrain.bench import Bench  # noqa: E402
+from lmtrain.config import load_config  # noqa: E402
+
+DEFAULT_CONFIGS = ["configs/ptb-dlfs2.yaml", "configs/ptb-dlfs2-better.yaml"]
+
+
+class TorchLM(torch.nn.Module):
+    def __init__(self, cfg, V):
+        super().__init__()
+        m = cfg.model
+        self.drop = torch.nn.Dropout(m.dropout)
+        self.emb = torch.nn.Embedding(V, m.emb_size)
+        self.lstm = torch.nn.LSTM(m.emb_size, m.hidden_size, m.num_layers,
+                                  dropout=m.dropout if m.num_layers > 1 else 0.0)
+        self.dec = torch.nn.Linear(m.hidden_size, V)
+        if m.tie_weights:
+            self.dec.weight = self.emb.weight
+        with torch.no_grad():  # the same scale as lmtrain's uniform initialisation
+            for p in self.parameters():
+                p.uniform_(-m.init_scale, m.init_scale)
+
+    def forward(self, x, state):
+        out, state = self.lstm(self.drop(self.emb(x)), state)
+        return self.dec(self.drop(out)), state
+
+
+class TorchBench:
+    def __init__(self, cfg, data, V, steps):
+        self.cfg, self.data, self.V, self.steps = cfg, torch.from_numpy(data.astype(np.int64)), V, steps
+        self.model = TorchLM(cfg, V)
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.SGD(self.params, lr=cfg.train.lr)
+
+    def windows(self):
+        T = self.cfg.train.bptt
+        for k in range(self.steps):
+            yield self.data[k * T:(k + 1) * T], self.data[k * T + 1:(k + 1) * T + 1]
+
+    def train(self):
+        self.model.train()
+        state = None
+        for x, y in self.windows():
+            if state is not None:
+                state = tuple(s.detach() for s in state)
+            out, state = self.model(x, state)
+            loss = torch.nn.functional.cross_entropy(out.view(-1, self.V), y.reshape(-1))
+            self.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.clip_grad_norm or float("inf"))
+            self.opt.step()
+
+    def evaluate(self):
+        self.model.eval()
+        state = None
+        with torch.no_grad():
+            for x, y in self.windows():
+                out, state = self.model(x, state)
+                torch.nn.functional.cross_entropy(out.view(-1, self.V), y.reshape(-1))
+
+    def generate(self, tokens=50):
+        self.model.eval()
+        state, tok = None, torch.ones((1, 1), dtype=torch.long)
+        with torch.no_grad():
+            for _ in range(tokens + 1):
+                out, state = self.model(tok, state)
+                p = torch.softmax(out[-1, 0].double(), dim=0)
+                tok = torch.multinomial(p, 1).view(1, 1)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(path, steps, repeats, vocab_size, gen_tokens=50):
+    cfg = load_config(path)
+    ours = Bench(cfg, vocab_size, steps)
+    theirs = TorchBench(cfg, ours.trainer.train_data, vocab_size, steps)
+    t = cfg.train
+    tokens = steps * t.bptt * t.batch_size
+
+    def ours_train():
+        data = ours.trainer.train_data
+        for k in range(steps):
+            ours.trainer.train_step(data[k * t.bptt:(k + 1) * t.bptt], data[k * t.bptt + 1:(k + 1) * t.bptt + 1],
+                                    t.lr)
+
+    def ours_eval():
+        import lmtrain.backend as b
+        model, data = ours.model, ours.trainer.train_data
+        state = model.init_state(t.batch_size)
+        for k in range(steps):
+            logits, state = model.forward(b.xp.asarray(data[k * t.bptt:(k + 1) * t.bptt]), state)
+            model.loss(logits, b.xp.asarray(data[k * t.bptt + 1:(k + 1) * t.bptt + 1]))
+
+    def ours_generate():
+        from lmtrain.generate import _feed, pick
+        rng = np.random.default_rng(0)
+        state = ours.model.init_state(1)
+        logits, state = _feed(ours.model, [1], state)
+        for _ in range(gen_tokens):
+            logits, state = _feed(ours.model, [pick(logits, rng)], state)
+
+    pairs = {"train": (ours_train, theirs.train), "eval": (ours_eval, theirs.evaluate),
+             "generate": (ours_generate, lambda: theirs.generate(gen_tokens))}
+    result = {"config": path, "threads": {"torch": torch.get_num_threads()}, "steps": steps, "repeats": repeats}
+    for name, (mine, other) in pairs.items():
+        mine(), other()  # warm-up
+        a, b = [], []
+        for _ in range(repeats):  # alternate, so drift hits both
+            a.append(timed(mine))
+            b.append(timed(other))
+        a, b = float(np.median(a)), float(np.median(b))
+        if name == "generate":
+            result[name] = {"lmtrain_ms_per_token": 1000 * a / gen_tokens, "torch_ms_per_token": 1000 * b / gen_tokens,
+                            "speedup": b / a}
+        else:
+            result[name] = {"lmtrain_tokens_per_s": tokens / a, "torch_tokens_per_s": tokens / b, "speedup": b / a}
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
+    ap.add_argument("--steps", type=int, default=10, help="windows per timed repeat")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--vocab-size", type=int, default=10000)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: its own choice)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.chdir(ROOT)
+    results = [compare(c, args.steps, args.repeats, args.vocab_size) for c in args.configs]
+    if args.json:
+        print(json.dumps(results))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}; "
+          f"medians of {args.repeats} alternating repeats of {args.steps} windows")
+    print(f"{'config':<34} {'':<9} {'lmtrain':>12} {'PyTorch':>12} {'lmtrain/PyTorch':>16}")
+    for r in results:
+        for name, unit in (("train", "tokens/s"), ("eval", "tokens/s")):
+            row = r[name]
+            print(f"{r['config']:<34} {name:<9} {row['lmtrain_tokens_per_s']:>12,.0f} {row['torch_tokens_per_s']:>12,.0f} "
+                  f"{row['speedup']:>15.2f}x")
+        g = r["generate"]
+        print(f"{r['config']:<34} {'generate':<9} {g['lmtrain_ms_per_token']:>9.2f} ms {g['torch_ms_per_token']:>9.2f} ms "
+              f"{g['speedup']:>15.2f}x")
+
+
+if __name__ == "__main__":
+    main()

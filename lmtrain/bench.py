@@ -1,0 +1,206 @@
+"""`lmtrain bench`: how fast a config trains, evaluates and generates on this machine, and against what limit.
+
+Training is timed through ``Trainer.train_step``, the code `lmtrain fit` runs.
+The *limit* of a training step is the time its matrix products would take
+if each ran at the best rate this machine's BLAS reaches for that shape,
+measured in the same process: products of one time step at batch 20 run far
+below the rate of whole-window products, so each shape gets its own rate.
+Every figure is a median over repeats after a warm-up.
+"""
+import math
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+
+from lmtrain.backend import xp
+from lmtrain.data.corpus import Corpus
+from lmtrain.data.vocab import EOS, UNK, Vocab
+from lmtrain.generate import _feed, pick
+from lmtrain.train import Trainer
+
+
+def training_products(model_cfg, V, B, T):
+    """(name, m, k, n, count): every matrix product of one training window (forward and backward)."""
+    E, H, N = model_cfg.emb_size, model_cfg.hidden_size, T * B
+    out = []
+    for layer in range(model_cfg.num_layers):
+        D = E if layer == 0 else H
+        out += [(f"rnn.{layer} x W_x (window)", N, D, 4 * H, 1),
+                (f"rnn.{layer} h W_h (per step)", B, H, 4 * H, T),
+                (f"rnn.{layer} dA W_h^T (per step)", B, 4 * H, H, T),
+                (f"rnn.{layer} dW_x (window)", D, N, 4 * H, 1),
+                (f"rnn.{layer} dW_h (window)", H, N, 4 * H, 1),
+                (f"rnn.{layer} dA W_x^T (window)", N, 4 * H, D, 1)]
+    out += [("decoder [h, 1] W (window)", N, H + 1, V, 1),
+            ("decoder dW (window)", H + 1, N, V, 1) if not model_cfg.tie_weights else
+            ("decoder dW (window)", V, N, H + 1, 1),
+            ("decoder dlogits W^T (window)", N, V, H, 1)]
+    return out
+
+
+def flops(products):
+    return sum(2 * m * k * n * count for _, m, k, n, count in products)
+
+
+def _median_time(fn, repeats, number=1):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - start) / number)
+    return float(np.median(times))
+
+
+def best_product_time(m, k, n, dtype, repeats=5):
+    """Fastest time of an (m, k) @ (k, n) product over the four operand layouts (C order or transposed)."""
+    rng = np.random.default_rng(0)
+    out = xp.empty((m, n), dtype)
+    best = math.inf
+    for a_t in (False, True):
+        for b_t in (False, True):
+            a = xp.asarray(rng.standard_normal((k, m) if a_t else (m, k)), dtype)
+            b = xp.asarray(rng.standard_normal((n, k) if b_t else (k, n)), dtype)
+            a, b = (a.T if a_t else a), (b.T if b_t else b)
+            number = max(1, int(2e7 / max(2 * m * k * n, 1)))  # about 20 MFLOP per timing
+            xp.matmul(a, b, out=out)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(number):
+                    xp.matmul(a, b, out=out)
+                times.append((time.perf_counter() - start) / number)
+            best = min(best, min(times))
+    return best
+
+
+def synthetic_corpus(vocab_size, n_tokens, seed=0):
+    """Random ids with a Zipf-like frequency profile, as words have (the embedding gradient cares)."""
+    rng = np.random.default_rng(seed)
+    vocab = Vocab([EOS, UNK] + [f"w{i}" for i in range(vocab_size - 2)])
+    ranks = np.minimum(rng.zipf(1.1, size=n_tokens) - 1, vocab_size - 1).astype(np.int32)
+    return Corpus(vocab, ranks, ranks[:n_tokens // 10], ranks[:n_tokens // 10])
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+
+
+class Bench:
+    """The config's model on synthetic ids; each method returns one median timing."""
+
+    def __init__(self, cfg, vocab_size=10000, steps=10):
+        self.cfg, self.V, self.steps = cfg, vocab_size, steps
+        t = cfg.train
+        n_tokens = t.batch_size * (t.bptt * (steps + 2) + 2)
+        self.corpus = synthetic_corpus(vocab_size, n_tokens)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.trainer = Trainer(cfg, self.tmp.name, self.corpus, quiet=True)
+        self.model = self.trainer.model
+
+    def train_tokens_per_s(self, repeats=5):
+        """Training tokens per second through Trainer.train_step (forward, backward, clip, update)."""
+        t, tr = self.cfg.train, self.trainer
+        data = tr.train_data
+
+        def run():
+            for k in range(self.steps):
+                x, y = data[k * t.bptt:(k + 1) * t.bptt], data[k * t.bptt + 1:(k + 1) * t.bptt + 1]
+                tr.train_step(x, y, t.lr)
+        run()  # warm-up: buffers, BLAS threads
+        seconds = _median_time(run, repeats)
+        return self.steps * t.bptt * t.batch_size / seconds, seconds / self.steps
+
+    def eval_tokens_per_s(self, repeats=5):
+        """Forward and loss only, same window and batch as training."""
+        t, model = self.cfg.train, self.model
+        data = self.trainer.train_data
+
+        def run():
+            state = model.init_state(t.batch_size)
+            for k in range(self.steps):
+                x, y = data[k * t.bptt:(k + 1) * t.bptt], data[k * t.bptt + 1:(k + 1) * t.bptt + 1]
+                logits, state = model.forward(xp.asarray(x), state, train=False)
+                model.loss(logits, xp.asarray(y))
+        run()
+        return self.steps * t.bptt * t.batch_size / _median_time(run, repeats)
+
+    def generate_ms_per_token(self, tokens=50, repeats=5):
+        """Batch 1, one token at a time: forward, softmax, sampling (what `lmtrain generate` does)."""
+        model, rng = self.model, np.random.default_rng(0)
+
+        def run():
+            state = model.init_state(1)
+            logits, state = _feed(model, [1], state)
+            for _ in range(tokens):
+                nxt = pick(logits, rng)
+                logits, state = _feed(model, [nxt], state)
+        run()
+        return 1000 * _median_time(run, repeats) / tokens
+
+    def limit_seconds(self):
+        """Per training window: the matrix products at their best measured rates."""
+        t = self.cfg.train
+        products = training_products(self.cfg.model, self.V, t.batch_size, t.bptt)
+        cache = {}
+        total = 0.0
+        rows = []
+        for name, m, k, n, count in products:
+            if (m, k, n) not in cache:
+                cache[(m, k, n)] = best_product_time(m, k, n, self.model.dtype)
+            seconds = cache[(m, k, n)]
+            total += seconds * count
+            rows.append({"product": name, "shape": [m, k, n], "count": count,
+                         "gflop_s": 2 * m * k * n / seconds / 1e9})
+        return total, flops(products), rows
+
+
+def run_bench(cfg, steps=10, repeats=5, vocab_size=10000):
+    b = Bench(cfg, vocab_size, steps)
+    train_tps, step_s = b.train_tokens_per_s(repeats)
+    eval_tps = b.eval_tokens_per_s(repeats)
+    gen_ms = b.generate_ms_per_token(repeats=repeats)
+    limit_s, step_flops, products = b.limit_seconds()
+    t = cfg.train
+    return {
+        "config": {"emb_size": cfg.model.emb_size, "hidden_size": cfg.model.hidden_size,
+                   "num_layers": cfg.model.num_layers, "dropout": cfg.model.dropout,
+                   "tie_weights": cfg.model.tie_weights, "vocab_size": vocab_size,
+                   "batch_size": t.batch_size, "bptt": t.bptt, "optimizer": t.optimizer, "dtype": t.dtype},
+        "threads": {"blas": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+                    "elementwise": __import__("lmtrain.backend", fromlist=["NUM_THREADS"]).NUM_THREADS},
+        "train_tokens_per_s": train_tps,
+        "train_step_ms": 1000 * step_s,
+        "train_gflop_s": step_flops / step_s / 1e9,
+        "flops_per_token": step_flops / (t.batch_size * t.bptt),
+        "limit_step_ms": 1000 * limit_s,
+        "percent_of_limit": 100 * limit_s / step_s,
+        "eval_tokens_per_s": eval_tps,
+        "generate_ms_per_token": gen_ms,
+        "peak_rss_mb": peak_rss_mb(),
+        "products": products,
+    }
+
+
+def format_report(r):
+    c = r["config"]
+    lines = [
+        f"model: emb {c['emb_size']}, {c['num_layers']} x {c['hidden_size']}, dropout {c['dropout']}, "
+        f"tied {c['tie_weights']}, vocabulary {c['vocab_size']:,}; batch {c['batch_size']}, bptt {c['bptt']}, "
+        f"{c['optimizer']}, {c['dtype']}",
+        f"training    {r['train_tokens_per_s']:>10,.0f} tokens/s   {r['train_step_ms']:.1f} ms per window, "
+        f"{r['train_gflop_s']:.0f} GFLOP/s ({r['flops_per_token'] / 1e6:.1f} MFLOP per token)",
+        f"limit       {r['limit_step_ms']:>10.1f} ms per window at the best measured rate of each product: "
+        f"{r['percent_of_limit']:.0f}% of the limit reached",
+        f"evaluation  {r['eval_tokens_per_s']:>10,.0f} tokens/s",
+        f"generation  {r['generate_ms_per_token']:>10.2f} ms per token (batch 1)",
+        f"peak RSS    {r['peak_rss_mb']:>10.0f} MB",
+        "products of one training window (best rate measured for each shape):",
+    ]
+    for p in r["products"]:
+        m, k, n = p["shape"]
+        lines.append(f"  {p['product']:<30} ({m} x {k}) @ ({k} x {n}) x {p['count']:<3} {p['gflop_s']:7.1f} GFLOP/s")
+    return "\n".join(lines)
