@@ -19,21 +19,26 @@ from lmtrain.backend import xp
 from lmtrain.data.corpus import Corpus
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.generate import _feed, pick
+from lmtrain.nn.cells import CELLS
+from lmtrain.nn.model import layer_sizes
 from lmtrain.train import Trainer
 
 
 def training_products(model_cfg, V, B, T):
     """(name, m, k, n, count): every matrix product of one training window (forward and backward)."""
-    E, H, N = model_cfg.emb_size, model_cfg.hidden_size, T * B
+    E, N = model_cfg.emb_size, T * B
+    sizes = layer_sizes(model_cfg)
+    G = CELLS[model_cfg.cell].gates
     out = []
-    for layer in range(model_cfg.num_layers):
-        D = E if layer == 0 else H
-        out += [(f"rnn.{layer} x W_x (window)", N, D, 4 * H, 1),
-                (f"rnn.{layer} h W_h (per step)", B, H, 4 * H, T),
-                (f"rnn.{layer} dA W_h^T (per step)", B, 4 * H, H, T),
-                (f"rnn.{layer} dW_x (window)", D, N, 4 * H, 1),
-                (f"rnn.{layer} dW_h (window)", H, N, 4 * H, 1),
-                (f"rnn.{layer} dA W_x^T (window)", N, 4 * H, D, 1)]
+    for layer, H in enumerate(sizes):
+        D = E if layer == 0 else sizes[layer - 1]
+        out += [(f"rnn.{layer} x W_x (window)", N, D, G * H, 1),
+                (f"rnn.{layer} h W_h (per step)", B, H, G * H, T),
+                (f"rnn.{layer} dA W_h^T (per step)", B, G * H, H, T),
+                (f"rnn.{layer} dW_x (window)", D, N, G * H, 1),
+                (f"rnn.{layer} dW_h (window)", H, N, G * H, 1),
+                (f"rnn.{layer} dA W_x^T (window)", N, G * H, D, 1)]
+    H = sizes[-1]
     out += [("decoder [h, 1] W (window)", N, H + 1, V, 1),
             ("decoder dW (window)", H + 1, N, V, 1) if not model_cfg.tie_weights else
             ("decoder dW (window)", V, N, H + 1, 1),

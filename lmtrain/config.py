@@ -56,7 +56,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    cell: str = option("lstm", "recurrent cell", choices=["lstm"])
+    cell: str = option("lstm", "recurrent cell: lstm, gru, or rnn (the plain tanh Elman RNN)",
+                       choices=["lstm", "gru", "rnn"])
     emb_size: int = option(100, "word embedding size", min=1)
     hidden_size: int = option(100, "units per recurrent layer", min=1)
     num_layers: int = option(1, "stacked recurrent layers", min=1)
@@ -81,8 +82,9 @@ class ModelConfig:
                                "last layer's size)")
     init: str = option("uniform", "weight initialisation: uniform (every weight U(-init_scale, init_scale)); "
                        "scaled_normal (N(0, 1/fan_in), embedding N(0, 0.01^2)); pytorch (PyTorch's defaults: "
-                       "embedding N(0, 1), the rest U(-1/sqrt(H), 1/sqrt(H)) biases included)",
-                       choices=["uniform", "scaled_normal", "pytorch"])
+                       "embedding N(0, 1), the rest U(-1/sqrt(H), 1/sqrt(H)) biases included); awd (AWD-LSTM: "
+                       "embedding U(-init_scale, init_scale), recurrent layers as pytorch, decoder bias 0)",
+                       choices=["uniform", "scaled_normal", "pytorch", "awd"])
     init_scale: float = option(0.1, "bound of the uniform initialisation", min=0.0, min_exclusive=True)
     forget_bias: float = option(0.0, "initial bias of the LSTM forget gate; 1 or more makes early memory "
                                 "longer-lived")

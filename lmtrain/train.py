@@ -25,6 +25,7 @@ from lmtrain.data.batching import batchify, eval_streams
 from lmtrain.data.sources import load_corpus
 from lmtrain.data.vocab import Vocab
 from lmtrain.errors import LmtrainError
+from lmtrain.nn.cells import CELLS
 from lmtrain.nn.model import LanguageModel
 from lmtrain.optim import LRSchedule, clip_scale, grad_norm, make_optimizer
 
@@ -220,9 +221,8 @@ class Trainer:
     def save(self, name):
         """Write a resumable checkpoint; returns its path."""
         opt = self.optimizer.state_dict()
-        carried = {}
-        for i, (h, c) in enumerate(self.state):
-            carried[f"{i}.h"], carried[f"{i}.c"] = to_numpy(h), to_numpy(c)
+        names = CELLS[self.cfg.model.cell].state_names
+        carried = {f"{i}.{n}": to_numpy(s) for i, layer in enumerate(self.state) for n, s in zip(names, layer)}
         meta = {
             "config": self.cfg.to_dict(), "vocab": self.corpus.vocab.to_dict(),
             # epochs the weights were trained through (the current one when saved inside it)
@@ -257,9 +257,10 @@ class Trainer:
         for k, g in self.rngs.items():
             g.bit_generator.state = meta["rng"][k]
         carried = ckpt.group("state")
-        for i, (h, c) in enumerate(self.state):
-            h[...] = carried[f"{i}.h"]
-            c[...] = carried[f"{i}.c"]
+        names = CELLS[self.cfg.model.cell].state_names
+        for i, layer in enumerate(self.state):
+            for n, s in zip(names, layer):
+                s[...] = carried[f"{i}.{n}"]
         self.p = Progress(**meta["progress"])
 
     # -- one window ---------------------------------------------------------

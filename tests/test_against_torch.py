@@ -24,18 +24,23 @@ class TorchLM(torch.nn.Module):
         H, E = cfg.hidden_size, cfg.emb_size
         p = {k: v.astype(np.float64) for k, v in model.params.items()}
         self.emb = torch.nn.Embedding(V, E)
-        self.lstm = torch.nn.LSTM(E, H, num_layers=cfg.num_layers)
+        kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cfg.cell]
+        self.lstm = kind(E, H, num_layers=cfg.num_layers)
         self.dec = torch.nn.Linear(H, V)
         self.double()
+        # LSTM gates are reordered (f,i,o,g -> i,f,g,o); the GRU's r,z,n and the RNN's single block match.
+        gates = (lambda w: to_torch_gates(w, H)) if cfg.cell == "lstm" else (lambda w: w.T)
         with torch.no_grad():
             self.emb.weight.copy_(torch.from_numpy(p["embedding.weight"]))
             for i in range(cfg.num_layers):
-                getattr(self.lstm, f"weight_ih_l{i}").copy_(torch.from_numpy(to_torch_gates(p[f"rnn.{i}.weight_x"], H)))
-                getattr(self.lstm, f"weight_hh_l{i}").copy_(torch.from_numpy(to_torch_gates(p[f"rnn.{i}.weight_h"], H)))
-                getattr(self.lstm, f"bias_ih_l{i}").copy_(torch.from_numpy(to_torch_gates(p[f"rnn.{i}.bias"], H)))
-                # one bias, as lmtrain has: PyTorch's second copy stays at zero
-                getattr(self.lstm, f"bias_hh_l{i}").zero_()
-                getattr(self.lstm, f"bias_hh_l{i}").requires_grad_(False)
+                getattr(self.lstm, f"weight_ih_l{i}").copy_(torch.from_numpy(gates(p[f"rnn.{i}.weight_x"])))
+                getattr(self.lstm, f"weight_hh_l{i}").copy_(torch.from_numpy(gates(p[f"rnn.{i}.weight_h"])))
+                getattr(self.lstm, f"bias_ih_l{i}").copy_(torch.from_numpy(gates(p[f"rnn.{i}.bias"])))
+                # lmtrain has one bias (the GRU adds b_hn); PyTorch's second copy holds only that
+                bias_hh = getattr(self.lstm, f"bias_hh_l{i}")
+                bias_hh.zero_()
+                if cfg.cell == "gru":
+                    bias_hh[2 * H:] = torch.from_numpy(p[f"rnn.{i}.bias_h"])
             if cfg.tie_weights:
                 self.dec.weight = self.emb.weight
             else:
@@ -47,14 +52,22 @@ class TorchLM(torch.nn.Module):
         return self.dec(out), state
 
 
-@pytest.mark.parametrize("tied,layers", [(False, 1), (True, 2)])
-def test_training_matches_pytorch(tied, layers):
+@pytest.mark.parametrize("tied,layers,cell", [(False, 1, "lstm"), (True, 2, "lstm"), (True, 2, "gru"),
+                                             (False, 2, "rnn")])
+def test_training_matches_pytorch(tied, layers, cell):
     """Three windows of SGD with clipping, state carried: every loss agrees to float64 precision."""
     cfg = ModelConfig(emb_size=16, hidden_size=16, num_layers=layers, tie_weights=tied, init="pytorch",
-                      forget_bias=1.0)
+                      forget_bias=1.0, cell=cell)
     V, T, B = 50, 7, 4
     ours = LanguageModel(cfg, V, seed=5, dtype="float64")
     ref = TorchLM(ours, cfg, V)
+    # the bias PyTorch has twice is trained once, as in lmtrain (the GRU's b_hn part excepted)
+    H = cfg.hidden_size
+    for i in range(layers):
+        if cell == "gru":
+            getattr(ref.lstm, f"bias_hh_l{i}").register_hook(lambda g: torch.cat([g[:2 * H] * 0, g[2 * H:]]))
+        else:
+            getattr(ref.lstm, f"bias_hh_l{i}").requires_grad_(False)
     params = [p for p in ref.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)
     rng = np.random.default_rng(0)
@@ -71,7 +84,7 @@ def test_training_matches_pytorch(tied, layers):
         sgd.step(0.5, clip_scale(norm, 0.1))
 
         if tstate is not None:
-            tstate = tuple(s.detach() for s in tstate)
+            tstate = tuple(s.detach() for s in tstate) if isinstance(tstate, tuple) else tstate.detach()
         tlogits, tstate = ref(torch.from_numpy(x.astype(np.int64)), tstate)
         tloss = torch.nn.functional.cross_entropy(tlogits.reshape(-1, V), torch.from_numpy(y.astype(np.int64)).reshape(-1))
         opt.zero_grad()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from lmtrain.config import ModelConfig
-from lmtrain.nn.cells import LSTMCell, Recurrent
+from lmtrain.nn.cells import CELLS, LSTMCell, Recurrent
 from lmtrain.nn.layers import Dropout, Embedding, Linear, SoftmaxCrossEntropy
 from lmtrain.nn.model import LanguageModel
 from tests.gradcheck import numerical_grad, rel_error
@@ -146,35 +146,43 @@ def test_lstm_equations_against_reference():
     np.testing.assert_allclose(cT, c, rtol=1e-12)
 
 
-def test_recurrent_window_with_state():
-    """Parameters, inputs and the initial (h, c), with gradients arriving at (h_T, c_T) too."""
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_recurrent_window_with_state(cell):
+    """Parameters, inputs and the initial state, with gradients arriving at the final state too."""
     rng = np.random.default_rng(8)
     T, B, D, H = 4, 2, 3, 5
-    layer = Recurrent(rng.standard_normal((D, 4 * H)) * 0.5, rng.standard_normal((H, 4 * H)) * 0.5,
-                      rng.standard_normal(4 * H) * 0.5)
+    G = CELLS[cell].gates
+    layer = Recurrent(rng.standard_normal((D, G * H)) * 0.5, rng.standard_normal((H, G * H)) * 0.5,
+                      rng.standard_normal(G * H) * 0.5, cell=cell)
+    for name in CELLS[cell].extra_params:
+        layer.params[name][...] = rng.standard_normal(layer.params[name].shape) * 0.5
     x = rng.standard_normal((T, B, D))
-    h0, c0 = rng.standard_normal((B, H)), rng.standard_normal((B, H))
-    R, RhT, RcT = rng.standard_normal((T, B, H)), rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    state0 = tuple(rng.standard_normal((B, H)) for _ in CELLS[cell].state_names)
+    R = rng.standard_normal((T, B, H))
+    R_final = tuple(rng.standard_normal((B, H)) for _ in state0)
 
     def loss():
-        out, (hT, cT) = layer.forward(x, (h0, c0))
-        return float(np.sum(out * R) + np.sum(hT * RhT) + np.sum(cT * RcT))
+        out, final = layer.forward(x, state0)
+        return float(np.sum(out * R) + sum(np.sum(f * r) for f, r in zip(final, R_final)))
 
     loss()
-    dx, (dh0, dc0) = layer.backward(R.copy(), (RhT, RcT))
+    dx, dstate0 = layer.backward(R.copy(), R_final)
     analytic = {k: g.copy() for k, g in layer.grads.items()}
+    assert set(analytic) == {"weight_x", "weight_h", "bias", *CELLS[cell].extra_params}
     for name, p in layer.params.items():
         assert rel_error(analytic[name], numerical_grad(loss, p)) < TOL, name
     assert rel_error(dx, numerical_grad(loss, x)) < TOL
-    assert rel_error(dh0, numerical_grad(loss, h0)) < TOL
-    assert rel_error(dc0, numerical_grad(loss, c0)) < TOL
+    for d, s0 in zip(dstate0, state0):
+        assert rel_error(d, numerical_grad(loss, s0)) < TOL
 
 
-@pytest.mark.parametrize("tied,dropout,layers", [(True, 0.3, 2), (False, 0.0, 1), (False, 0.5, 2)])
-def test_whole_model_across_two_windows(tied, dropout, layers):
+@pytest.mark.parametrize("tied,dropout,layers,cell", [(True, 0.3, 2, "lstm"), (False, 0.0, 1, "lstm"),
+                                                     (False, 0.5, 2, "lstm"), (True, 0.3, 2, "gru"),
+                                                     (True, 0.3, 2, "rnn")])
+def test_whole_model_across_two_windows(tied, dropout, layers, cell):
     """The full model, second window continuing the first one's state (held fixed, as truncated BPTT does)."""
     cfg = ModelConfig(emb_size=6, hidden_size=6, num_layers=layers, dropout=dropout, tie_weights=tied,
-                      init="uniform", init_scale=0.5)
+                      init="uniform", init_scale=0.5, cell=cell)
     V, T, B = 13, 4, 3
     model = LanguageModel(cfg, V, seed=3, dtype="float64")
     rng = np.random.default_rng(9)
@@ -186,7 +194,7 @@ def test_whole_model_across_two_windows(tied, dropout, layers):
         if state is None:  # the second window starts from the first one's final state
             logits, state = model.forward(x1, model.init_state(B), train=True)
             model.loss(logits, y1)
-        state = [tuple(s.copy() for s in pair) for pair in state]
+        state = [tuple(s.copy() for s in layer) for layer in state]
         logits, _ = model.forward(x, state, train=True)  # samples the dropout masks
         model.freeze_dropout()
 
@@ -200,7 +208,7 @@ def test_whole_model_across_two_windows(tied, dropout, layers):
         for name, p in model.params.items():
             err = rel_error(analytic[name], numerical_grad(loss, p))
             assert err < TOL, (name, err)
-        for layer, (dh0, dc0) in enumerate(dstate):
-            assert rel_error(dh0, numerical_grad(loss, state[layer][0])) < TOL
-            assert rel_error(dc0, numerical_grad(loss, state[layer][1])) < TOL
+        for layer, dlayer in enumerate(dstate):
+            for d, s0 in zip(dlayer, state[layer]):
+                assert rel_error(d, numerical_grad(loss, s0)) < TOL
         model.freeze_dropout(False)

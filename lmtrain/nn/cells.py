@@ -1,4 +1,4 @@
-"""Recurrent cells (one time step) and the layer that unrolls them over a window.
+"""Recurrent cells and the layer that unrolls them over a window.
 
 The LSTM, with the four gate pre-activations from one fused product::
 
@@ -10,11 +10,15 @@ The LSTM, with the four gate pre-activations from one fused product::
 
 The cell path c_{t-1} -> c_t is one element-wise product with a different f
 each step, so its gradient neither passes through W_h nor through a squashing
-nonlinearity: that is why it survives across many steps.
+nonlinearity: that is why it survives across many steps.  The GRU keeps a
+gated additive path on h itself; the plain (Elman) RNN has only
+h_t = tanh(x W_x + h_{t-1} W_h + b), so its gradient is multiplied by W_h and
+tanh' at every step, and vanishes or explodes.
 
 ``Recurrent`` splits the work the way the math allows: the input part
 ``x W_x + b`` of every step and every weight gradient are single products over
-the whole window; only ``h_{t-1} W_h`` and the element-wise cell run per step.
+the whole window; only ``h_{t-1} W_h`` and the element-wise cell run per step
+(``forward``/``backward`` of a cell: one window; ``step_*``: one time step).
 """
 from lmtrain.backend import xp
 
@@ -28,15 +32,34 @@ def sigmoid_(a):
     return a
 
 
+class _Buffers:
+    """Per-window arrays a cell owns; they grow with the window and are reused, never reallocated per step."""
+
+    def __init__(self):
+        self._cap = (0, None, None)
+        self._arrays = {}
+
+    def get(self, T, B, dtype, **widths):
+        """Views of shape (T + extra, B, width) for name=(extra, width)."""
+        if self._cap[0] < T or self._cap[1:] != (B, dtype):
+            cap = max(T, self._cap[0] if self._cap[1:] == (B, dtype) else 0)
+            self._arrays = {k: xp.empty((cap + extra, B, w), dtype) for k, (extra, w) in widths.items()}
+            self._cap = (cap, B, dtype)
+        return {k: a[:T + widths[k][0]] for k, a in self._arrays.items()}
+
+
 class LSTMCell:
-    """One LSTM step.  ``state`` is the tuple (h, c); gates are ordered f, i, o, g."""
+    """Gates f, i, o, g; state (h, c)."""
 
     gates = 4
     state_names = ("h", "c")
+    extra_params = {}
 
     def __init__(self, hidden_size):
         self.H = hidden_size
+        self.buf = _Buffers()
 
+    # -- one step -----------------------------------------------------------
     def step_forward(self, a, c_prev, out_c, out_tanh_c, out_h):
         """``a`` (B, 4H) holds the full pre-activations; turned into activations in place."""
         H = self.H
@@ -72,44 +95,160 @@ class LSTMCell:
         out_da[:, 3 * H:] *= 1.0 - g * g
         return dc * f
 
+    # -- one window -----------------------------------------------------------
+    def forward(self, ax, state, Wh, extra):
+        """``ax`` (T, B, 4H): x W_x + b, turned into gate activations in place.  Returns h (T+1, B, H)."""
+        T, B, _ = ax.shape
+        b = self.buf.get(T, B, ax.dtype, h=(1, self.H), c=(1, self.H), tanh_c=(0, self.H),
+                         dact=(0, 4 * self.H))
+        self.act, self.h, self.c, self.tanh_c, self.dact = ax, b["h"], b["c"], b["tanh_c"], b["dact"]
+        h, c = self.h, self.c
+        h[0], c[0] = state
+        for t in range(T):
+            ax[t] += h[t] @ Wh
+            self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
+        return h, (h[T].copy(), c[T].copy())
+
+    def backward(self, dh_out, dstate, WhT, extra):
+        """(d ax, d ah, d state_0, extra grads); for the LSTM d ax and d ah are one array."""
+        T, B, H = dh_out.shape
+        dact = self.dact
+        if dstate is None:
+            dh_next, dc = xp.zeros((B, H), dh_out.dtype), xp.zeros((B, H), dh_out.dtype)
+        else:
+            dh_next, dc = dstate[0].copy(), dstate[1].copy()
+        for t in reversed(range(T)):
+            dh = dh_out[t] + dh_next
+            dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
+            dh_next = dact[t] @ WhT
+        return dact, dact, (dh_next, dc), {}
+
+
+class GRUCell:
+    """Gates r, z, n (reset applied after the recurrent product, as cuDNN and PyTorch do); state (h,).
+
+        r = sigmoid(a_r + u_r),  z = sigmoid(a_z + u_z),  n = tanh(a_n + r * (u_n + b_hn))
+        h_t = (1 - z) * n + z * h_{t-1}          with a = x W_x + b and u = h_{t-1} W_h
+    """
+
+    gates = 3
+    state_names = ("h",)
+    extra_params = {"bias_h": lambda H: (H,)}  # b_hn: inside the reset product, so not mergeable into b
+
+    def __init__(self, hidden_size):
+        self.H = hidden_size
+        self.buf = _Buffers()
+
+    def forward(self, ax, state, Wh, extra):
+        T, B, G = ax.shape
+        H = self.H
+        b = self.buf.get(T, B, ax.dtype, h=(1, H), un=(0, H), dax=(0, G), dah=(0, G))
+        self.act, self.h, self.un, self.dax, self.dah = ax, b["h"], b["un"], b["dax"], b["dah"]
+        h, un, b_hn = self.h, self.un, extra["bias_h"]
+        h[0], = state
+        for t in range(T):
+            u = h[t] @ Wh
+            a = ax[t]
+            a[:, :2 * H] += u[:, :2 * H]
+            sigmoid_(a[:, :2 * H])                       # r, z
+            xp.add(u[:, 2 * H:], b_hn, out=un[t])        # u_n + b_hn, kept for backward
+            n = a[:, 2 * H:]
+            n += a[:, :H] * un[t]
+            xp.tanh(n, out=n)
+            z = a[:, H:2 * H]
+            xp.subtract(h[t], n, out=h[t + 1])           # h_t = n + z (h_{t-1} - n)
+            h[t + 1] *= z
+            h[t + 1] += n
+        return h, (h[T].copy(),)
+
+    def backward(self, dh_out, dstate, WhT, extra):
+        T, B, H = dh_out.shape
+        act, h, un, dax, dah = self.act, self.h, self.un, self.dax, self.dah
+        dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
+        for t in reversed(range(T)):
+            r, z, n = act[t, :, :H], act[t, :, H:2 * H], act[t, :, 2 * H:]
+            dh = dh_out[t] + dh_next
+            dan = dh * (1.0 - z)
+            dan *= 1.0 - n * n                              # through tanh
+            dax[t, :, 2 * H:] = dan
+            xp.multiply(dan, r, out=dah[t, :, 2 * H:])      # d u_n
+            dr = dan * un[t]
+            dz = dh * (h[t] - n)
+            dr *= r * (1.0 - r)
+            dz *= z * (1.0 - z)
+            dax[t, :, :H] = dr
+            dax[t, :, H:2 * H] = dz
+            dah[t, :, :2 * H] = dax[t, :, :2 * H]
+            dh_next = dh * z
+            dh_next += dah[t] @ WhT
+        return dax, dah, (dh_next,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
+
+
+class RNNCell:
+    """The plain (Elman) tanh RNN: h_t = tanh(x W_x + h_{t-1} W_h + b); state (h,)."""
+
+    gates = 1
+    state_names = ("h",)
+    extra_params = {}
+
+    def __init__(self, hidden_size):
+        self.H = hidden_size
+        self.buf = _Buffers()
+
+    def forward(self, ax, state, Wh, extra):
+        T, B, _ = ax.shape
+        b = self.buf.get(T, B, ax.dtype, h=(1, self.H), da=(0, self.H))
+        self.h, self.da = b["h"], b["da"]
+        h = self.h
+        h[0], = state
+        for t in range(T):
+            ax[t] += h[t] @ Wh
+            xp.tanh(ax[t], out=h[t + 1])
+        return h, (h[T].copy(),)
+
+    def backward(self, dh_out, dstate, WhT, extra):
+        T, B, H = dh_out.shape
+        h, da = self.h, self.da
+        dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
+        for t in reversed(range(T)):
+            xp.add(dh_out[t], dh_next, out=da[t])
+            da[t] *= 1.0 - h[t + 1] * h[t + 1]
+            dh_next = da[t] @ WhT
+        return da, da, (dh_next,), {}
+
+
+CELLS = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
+
 
 class Recurrent:
     """A cell unrolled over a window: x (T, B, D) -> h (T, B, H).
 
-    Parameters: ``weight_x`` (D, 4H), ``weight_h`` (H, 4H), ``bias`` (4H,).
-    The state (h_0, c_0) comes in and (h_T, c_T) goes out, so consecutive
-    windows continue one sequence; ``backward`` stops at the window's start
-    (truncated BPTT) and returns the gradient with respect to (h_0, c_0).
+    Parameters: ``weight_x`` (D, G*H), ``weight_h`` (H, G*H), ``bias`` (G*H,)
+    for a cell with G gate blocks, plus the cell's own extras (the GRU's
+    ``bias_h``).  The state comes in and the final state goes out, so
+    consecutive windows continue one sequence; ``backward`` stops at the
+    window's start (truncated BPTT) and returns the gradient with respect to
+    the initial state.
 
     ``weight_drop`` > 0 is DropConnect on the recurrent weights (Wan et al.
     2013, as AWD-LSTM uses it): each training forward pass draws one mask
     over W_h, used at every step of the window.
     """
 
-    def __init__(self, weight_x, weight_h, bias, grads=None, weight_drop=0.0, rng=None):
+    def __init__(self, weight_x, weight_h, bias, grads=None, weight_drop=0.0, rng=None, cell="lstm", extra=None):
         H = weight_h.shape[0]
-        self.cell = LSTMCell(H)
+        self.cell = CELLS[cell](H)
         self.H = H
-        self.params = {"weight_x": weight_x, "weight_h": weight_h, "bias": bias}
+        self.params = {"weight_x": weight_x, "weight_h": weight_h, "bias": bias, **(extra or {})}
+        for name, shape in self.cell.extra_params.items():
+            if name not in self.params:
+                self.params[name] = xp.zeros(shape(H), weight_h.dtype)
         self.grads = grads if grads is not None else {k: xp.zeros_like(v) for k, v in self.params.items()}
         self.weight_drop = float(weight_drop)
         self.rng = rng
         self.frozen = False      # reuse the current weight mask (gradient checks)
-        self.wmask = None        # (H, 4H) scaled keep-mask of this forward pass, or None
-        self._capacity = (0, None, None)
-
-    def _buffers(self, T, B, dtype):
-        """Views of length T into buffers the layer owns; they only grow, so varying T costs nothing."""
-        if self._capacity[0] < T or self._capacity[1:] != (B, dtype):
-            H, cap = self.H, max(T, self._capacity[0] if self._capacity[1:] == (B, dtype) else 0)
-            self._act = xp.empty((cap, B, 4 * H), dtype)
-            self._h = xp.empty((cap + 1, B, H), dtype)
-            self._c = xp.empty((cap + 1, B, H), dtype)
-            self._tanh_c = xp.empty((cap, B, H), dtype)
-            self._dact = xp.empty((cap, B, 4 * H), dtype)
-            self._capacity = (cap, B, dtype)
-        self.act, self.h, self.c = self._act[:T], self._h[:T + 1], self._c[:T + 1]
-        self.tanh_c, self.dact = self._tanh_c[:T], self._dact[:T]
+        self.wmask = None        # (H, G*H) scaled keep-mask of this forward pass, or None
+        self._ax = _Buffers()
 
     def recurrent_weight(self, train):
         """W_h as this pass uses it: with a fresh DropConnect mask when training with weight_drop."""
@@ -123,44 +262,37 @@ class Recurrent:
             self.wmask *= Wh.dtype.type(1.0 / keep)
         return Wh * self.wmask
 
+    def _extra(self):
+        return {k: self.params[k] for k in self.cell.extra_params}
+
     def forward(self, x, state, train=False):
         T, B, D = x.shape
-        H = self.H
         Wx, b = self.params["weight_x"], self.params["bias"]
+        G = Wx.shape[1]
         self.Wh = Wh = self.recurrent_weight(train)
-        self._buffers(T, B, x.dtype)
         self.x = x
-        act, h, c = self.act, self.h, self.c
-        h[0], c[0] = state
-        xp.matmul(x.reshape(T * B, D), Wx, out=act.reshape(T * B, 4 * H))
-        act += b
-        for t in range(T):
-            act[t] += h[t] @ Wh
-            self.cell.step_forward(act[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
-        return h[1:], (h[T].copy(), c[T].copy())
+        ax = self._ax.get(T, B, x.dtype, ax=(0, G))["ax"]
+        xp.matmul(x.reshape(T * B, D), Wx, out=ax.reshape(T * B, G))
+        ax += b
+        self.h, final = self.cell.forward(ax, state, Wh, self._extra())
+        return self.h[1:], final
 
     def backward(self, dh_out, dstate=None):
-        """``dh_out`` (T, B, H): gradient at every output; ``dstate``: at (h_T, c_T)."""
+        """``dh_out`` (T, B, H): gradient at every output; ``dstate``: at the final state."""
         T, B, H = dh_out.shape
         D = self.x.shape[2]
         Wx = self.params["weight_x"]
+        G = Wx.shape[1]
         # A contiguous W_h^T: BLAS multiplies by it about twice as fast as by the transposed view.
         WhT = xp.ascontiguousarray(self.Wh.T)
-        dact = self.dact
-        if dstate is None:
-            dh_next = xp.zeros((B, H), dh_out.dtype)
-            dc = xp.zeros((B, H), dh_out.dtype)
-        else:
-            dh_next, dc = dstate[0].copy(), dstate[1].copy()
-        for t in reversed(range(T)):
-            dh = dh_out[t] + dh_next
-            dc = self.cell.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
-            dh_next = dact[t] @ WhT
-        da2 = dact.reshape(T * B, 4 * H)
-        xp.matmul(self.x.reshape(T * B, D).T, da2, out=self.grads["weight_x"])
-        xp.matmul(self.h[:T].reshape(T * B, H).T, da2, out=self.grads["weight_h"])
+        dax, dah, dstate0, dextra = self.cell.backward(dh_out, dstate, WhT, self._extra())
+        dax2, dah2 = dax.reshape(T * B, G), dah.reshape(T * B, G)
+        xp.matmul(self.x.reshape(T * B, D).T, dax2, out=self.grads["weight_x"])
+        xp.matmul(self.h[:T].reshape(T * B, H).T, dah2, out=self.grads["weight_h"])
         if self.wmask is not None:
             self.grads["weight_h"] *= self.wmask
-        da2.sum(axis=0, out=self.grads["bias"])
-        dx = (da2 @ Wx.T).reshape(T, B, D)
-        return dx, (dh_next, dc)
+        dax2.sum(axis=0, out=self.grads["bias"])
+        for name, g in dextra.items():
+            self.grads[name][...] = g
+        dx = (dax2 @ Wx.T).reshape(T, B, D)
+        return dx, dstate0

@@ -15,7 +15,7 @@ the NLL alone (what perplexity measures); ``objective`` includes them.
 import numpy as np
 
 from lmtrain.backend import xp
-from lmtrain.nn.cells import Recurrent
+from lmtrain.nn.cells import CELLS, Recurrent
 from lmtrain.nn.layers import Dropout, Embedding, Linear, SoftmaxCrossEntropy
 from lmtrain.nn.params import ParamStore
 
@@ -47,22 +47,30 @@ def init_params(cfg, vocab_size, rng, dtype):
         def weight(shape, fan_in, H=None):
             return rng.standard_normal(shape) / np.sqrt(fan_in)
         embedding = rng.standard_normal((V, E)) * 0.01
-    else:  # pytorch: nn.Embedding, nn.LSTM and nn.Linear defaults
+    else:  # pytorch: nn.Embedding, nn.LSTM and nn.Linear defaults; awd: its own embedding scale
         def weight(shape, fan_in, H=None):
             bound = 1.0 / np.sqrt(H if H is not None else fan_in)
             return rng.uniform(-bound, bound, size=shape)
-        embedding = rng.standard_normal((V, E))
+        if cfg.init == "pytorch":
+            embedding = rng.standard_normal((V, E))
+        else:
+            embedding = rng.uniform(-cfg.init_scale, cfg.init_scale, size=(V, E))
 
+    cell = CELLS[cfg.cell]
+    G = cell.gates
     params = {"embedding.weight": embedding}
     for layer, H in enumerate(sizes):
         D = E if layer == 0 else sizes[layer - 1]
         p = f"rnn.{layer}."
-        params[p + "weight_x"] = weight((D, 4 * H), D, H)   # nn.LSTM bounds by 1/sqrt(H) whatever the fan-in
-        params[p + "weight_h"] = weight((H, 4 * H), H, H)
+        params[p + "weight_x"] = weight((D, G * H), D, H)   # nn.LSTM bounds by 1/sqrt(H) whatever the fan-in
+        params[p + "weight_h"] = weight((H, G * H), H, H)
         if cfg.orthogonal_recurrent:
-            params[p + "weight_h"] = np.concatenate([orthogonal(rng, H) for _ in range(4)], axis=1)
-        params[p + "bias"] = weight((4 * H,), H, H) if cfg.init == "pytorch" else np.zeros(4 * H)
-        params[p + "bias"][:H] += cfg.forget_bias  # gate order f, i, o, g
+            params[p + "weight_h"] = np.concatenate([orthogonal(rng, H) for _ in range(G)], axis=1)
+        params[p + "bias"] = weight((G * H,), H, H) if cfg.init in ("pytorch", "awd") else np.zeros(G * H)
+        if cfg.cell == "lstm":
+            params[p + "bias"][:H] += cfg.forget_bias  # gate order f, i, o, g
+        for name, shape in cell.extra_params.items():
+            params[p + name] = weight(shape(H), H, H) if cfg.init in ("pytorch", "awd") else np.zeros(shape(H))
     H = sizes[-1]
     if not cfg.tie_weights:
         params["decoder.weight"] = weight((H, V), H)
@@ -97,8 +105,9 @@ class LanguageModel:
             store.block("embedding", (V, E + 1), {"embedding.weight": np.s_[:, :E], "decoder.bias": np.s_[:, E]})
         else:
             store.block("embedding", (V, E), {"embedding.weight": np.s_[:]})
+        self.rnn_keys = keys = ("weight_x", "weight_h", "bias", *CELLS[cfg.cell].extra_params)
         for i in range(cfg.num_layers):
-            for key in ("weight_x", "weight_h", "bias"):
+            for key in keys:
                 store.block(f"rnn.{i}.{key}", values[f"rnn.{i}.{key}"].shape, {f"rnn.{i}.{key}": np.s_[:]})
         if not cfg.tie_weights:
             store.block("decoder", (H + 1, V), {"decoder.weight": np.s_[:H], "decoder.bias": np.s_[H]})
@@ -109,9 +118,9 @@ class LanguageModel:
 
         rng = self.dropout_rng
         self.embedding = Embedding(p["embedding.weight"], g["embedding.weight"], cfg.embedding_dropout, rng)
-        keys = ("weight_x", "weight_h", "bias")
-        self.rnns = [Recurrent(*(p[f"rnn.{i}.{k}"] for k in keys), grads={k: g[f"rnn.{i}.{k}"] for k in keys},
-                               weight_drop=cfg.weight_drop, rng=rng)
+        self.rnns = [Recurrent(*(p[f"rnn.{i}.{k}"] for k in keys[:3]), grads={k: g[f"rnn.{i}.{k}"] for k in keys},
+                               weight_drop=cfg.weight_drop, rng=rng, cell=cfg.cell,
+                               extra={k: p[f"rnn.{i}.{k}"] for k in keys[3:]})
                      for i in range(cfg.num_layers)]
         # One dropout after the embedding, one between each pair of layers, one before the decoder.
         rate_in, rate_hidden, rate_out = dropout_rates(cfg)
@@ -146,8 +155,9 @@ class LanguageModel:
             target[...] = xp.asarray(value, dtype=target.dtype)
 
     def init_state(self, batch_size):
-        return [(xp.zeros((batch_size, H), self.dtype), xp.zeros((batch_size, H), self.dtype))
-                for H in self.sizes]
+        """Zero state per layer: (h, c) for the LSTM, (h,) for the GRU and the plain RNN."""
+        n = len(CELLS[self.cfg.cell].state_names)
+        return [tuple(xp.zeros((batch_size, H), self.dtype) for _ in range(n)) for H in self.sizes]
 
     def set_regularization(self, ar=0.0, tar=0.0):
         """Coefficients of AR and TAR, applied by training forward passes."""
