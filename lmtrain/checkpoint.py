@@ -153,14 +153,17 @@ def load_checkpoint(path):
     return Checkpoint(path, meta, params, groups)
 
 
-def model_from_checkpoint(ckpt):
-    """(model, vocab, config) rebuilt from a loaded checkpoint, with every shape checked."""
+def model_from_checkpoint(ckpt, dtype=None):
+    """(model, vocab, config) rebuilt from a loaded checkpoint, with every shape checked.
+
+    ``dtype`` overrides the stored one (the gradient probe works in float64).
+    """
     try:
         cfg = from_dict(ckpt.meta["config"])
         vocab = Vocab.from_dict(ckpt.meta["vocab"])
     except (KeyError, TypeError, ValueError, ConfigError) as err:
         raise CheckpointError(f"{ckpt.path} has an invalid config or vocabulary: {err}") from None
-    model = LanguageModel(cfg.model, len(vocab), seed=cfg.seed, dtype=cfg.train.dtype)
+    model = LanguageModel(cfg.model, len(vocab), seed=cfg.seed, dtype=dtype or cfg.train.dtype)
     expected = model.params
     for name, value in ckpt.params.items():
         if name not in expected:

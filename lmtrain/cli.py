@@ -106,6 +106,142 @@ def bench(config, overrides, steps, repeats, vocab_size, as_json, debug):
     click.echo(json.dumps(report) if as_json else format_report(report))
 
 
+def _distances(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, e.g. 5,10,20; got {text!r}") from None
+    if not values or min(values) < 0:
+        raise click.BadParameter(f"expected non-negative integers, e.g. 5,10,20; got {text!r}")
+    return values
+
+
+def _label(cfg, path, taken):
+    label = f"{cfg.model.cell} ({cfg.output.name or os.path.basename(path)})"
+    return label if label not in taken else f"{label} [{path}]"
+
+
+def _say_plot(written, path):
+    from lmtrain.plots import HOW_TO_PLOT
+    click.echo(f"plot written to {path}" if written else f"(no plot: {HOW_TO_PLOT})")
+
+
+@cli.group()
+def probe():
+    """Measure what a model remembers and how far its gradients reach back."""
+
+
+@probe.command("recall")
+@click.option("--ckpt", "ckpts", required=True, multiple=True, type=click.Path(),
+              help="Checkpoint of a model trained on the built-in stories (repeat to compare models).")
+@click.option("--distances", default="5,10,20,40,80", show_default=True, help="Comma-separated distances.")
+@click.option("--stories", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Held-out stories per distance.")
+@click.option("--plot", "plot_path", default="recall.png", show_default=True, help="PNG to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@debug_option
+def probe_recall(ckpts, distances, stories, plot_path, as_json, debug):
+    """Accuracy of the name after "said hi to", per distance, on held-out stories."""
+    from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
+    from lmtrain.plots import plot_recall
+    from lmtrain.probes import recall
+
+    distances = _distances(distances)
+    results = {}
+    for path in ckpts:
+        model, vocab, cfg = model_from_checkpoint(load_checkpoint(path))
+        results[_label(cfg, path, results)] = recall(model, vocab, cfg, distances, stories)
+    if as_json:
+        click.echo(json.dumps({"distances": distances, "models": {k: {"ckpt": p, "accuracy": [r["accuracy"] for r in v]}
+                                                                  for (k, v), p in zip(results.items(), ckpts)},
+                               "stories": stories, "chance": next(iter(results.values()))[0]["chance"]}))
+    else:
+        width = max(len(k) for k in results)
+        click.echo(f"{'distance':>{width}} " + " ".join(f"{d:>7}" for d in distances))
+        for label, rows in results.items():
+            click.echo(f"{label:>{width}} " + " ".join(f"{r['accuracy']:>7.3f}" for r in rows))
+        click.echo(f"{stories} held-out stories per distance; chance {next(iter(results.values()))[0]['chance']:.3f}")
+    written = plot_recall(results, plot_path)
+    if not as_json:
+        _say_plot(written, plot_path)
+
+
+@probe.command("gradflow")
+@click.option("--ckpt", "ckpts", multiple=True, type=click.Path(), help="Checkpoint (repeat to compare models).")
+@click.option("--config", "configs", multiple=True, type=click.Path(),
+              help="With --init-only: probe a freshly initialised model of this config (repeatable).")
+@click.option("--init-only", is_flag=True, help="Probe models at initialisation, from --config.")
+@click.option("--steps", type=click.IntRange(min=2), default=100, show_default=True,
+              help="Largest k: how many steps back.")
+@click.option("--batches", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Windows averaged over.")
+@click.option("--split", type=click.Choice(["valid", "test", "train"]), default="valid", show_default=True,
+              help="Data the windows come from.")
+@click.option("--plot", "plot_path", default="gradflow.png", show_default=True, help="PNG to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@debug_option
+def probe_gradflow(ckpts, configs, init_only, steps, batches, split, plot_path, as_json, debug):
+    """Gradient norm at the state k steps before a loss, for k = 0..steps, and its per-step decay."""
+    from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
+    from lmtrain.config import load_config
+    from lmtrain.data.sources import load_corpus
+    from lmtrain.nn.model import LanguageModel
+    from lmtrain.plots import plot_gradflow
+    from lmtrain.probes import decay_rate, gradflow
+
+    if init_only and (ckpts or not configs):
+        raise LmtrainError("--init-only probes fresh models: give --config CONFIG (and no --ckpt)")
+    if not init_only and (configs or not ckpts):
+        raise LmtrainError("give --ckpt PATH, or --init-only with --config CONFIG")
+    quiet = lambda *a, **k: None  # noqa: E731
+    models = []
+    for path in ckpts:
+        model, vocab, cfg = model_from_checkpoint(load_checkpoint(path), dtype="float64")
+        models.append((path, model, cfg, load_corpus(cfg.data, log=quiet)))
+    for path in configs:
+        cfg = load_config(path)
+        corpus = load_corpus(cfg.data, log=quiet)
+        models.append((path, LanguageModel(cfg.model, len(corpus.vocab), seed=cfg.seed, dtype="float64"), cfg,
+                       corpus))
+    results, rates = {}, {}
+    for path, model, cfg, corpus in models:
+        label = _label(cfg, path, results) + (" at init" if init_only else "")
+        norms = gradflow(model, corpus.split(split), steps=steps, batches=batches)
+        results[label] = norms
+        rates[label] = {state: decay_rate(v) for state, v in norms.items()}
+    if as_json:
+        click.echo(json.dumps({"steps": list(range(steps + 1)), "split": split, "batches": batches,
+                               "models": {k: {"norms": {s: list(map(float, v)) for s, v in n.items()},
+                                              "decay_per_step": rates[k]} for k, n in results.items()}}))
+    else:
+        columns = [(label, state) for label, norms in results.items() for state in norms]
+        click.echo("k      " + "  ".join(f"{(lab.split(' ')[0] + ' ' + st):>12}" for lab, st in columns))
+        for k in sorted(set(list(range(0, min(10, steps + 1))) + list(range(10, steps + 1, 10)) + [steps])):
+            click.echo(f"{k:<6} " + "  ".join(f"{results[lab][st][k]:>12.3e}" for lab, st in columns))
+        for label, r in rates.items():
+            click.echo(f"{label}: per-step log-decay " + ", ".join(f"d/d{s} {v:+.4f}" for s, v in r.items()))
+    written = plot_gradflow(results, plot_path)
+    if not as_json:
+        _say_plot(written, plot_path)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", default="curves.png", show_default=True, help="PNG to write.")
+@debug_option
+def plot(run_dirs, out, debug):
+    """Training and validation perplexity of one or more runs, against steps and against time."""
+    from lmtrain.plots import plot_runs, run_curves
+
+    for run in run_dirs:
+        c = run_curves(run)
+        last = c["valid"][-1] if c["valid"] else None
+        click.echo(f"{run}: {len(c['train'])} train and {len(c['valid'])} valid points"
+                   + (f"; last valid ppl {last[2]:.2f} at step {last[0]} ({last[1]:.0f} s)" if last else "")
+                   + (f"; test ppl {c['test']:.2f}" if c["test"] else ""))
+    _say_plot(plot_runs(run_dirs, out), out)
+
+
 def latest_checkpoint(root="runs"):
     found = glob.glob(os.path.join(root, "*", "checkpoints", "best.npz"))
     if not found:

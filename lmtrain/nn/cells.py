@@ -58,6 +58,7 @@ class LSTMCell:
     def __init__(self, hidden_size):
         self.H = hidden_size
         self.buf = _Buffers()
+        self.probe = None  # a list: backward appends the gradient at every state, last step first
 
     # -- one step -----------------------------------------------------------
     def step_forward(self, a, c_prev, out_c, out_tanh_c, out_h):
@@ -119,7 +120,10 @@ class LSTMCell:
             dh_next, dc = dstate[0].copy(), dstate[1].copy()
         for t in reversed(range(T)):
             dh = dh_out[t] + dh_next
+            dc_t = dc  # step_backward completes it in place: the whole gradient at c_t
             dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
+            if self.probe is not None:
+                self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
             dh_next = dact[t] @ WhT
         return dact, dact, (dh_next, dc), {}
 
@@ -138,6 +142,7 @@ class GRUCell:
     def __init__(self, hidden_size):
         self.H = hidden_size
         self.buf = _Buffers()
+        self.probe = None  # a list: backward appends the gradient at every state, last step first
 
     def forward(self, ax, state, Wh, extra):
         T, B, G = ax.shape
@@ -179,6 +184,8 @@ class GRUCell:
             dax[t, :, :H] = dr
             dax[t, :, H:2 * H] = dz
             dah[t, :, :2 * H] = dax[t, :, :2 * H]
+            if self.probe is not None:
+                self.probe.append({"h": dh.copy()})
             dh_next = dh * z
             dh_next += dah[t] @ WhT
         return dax, dah, (dh_next,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
@@ -194,6 +201,7 @@ class RNNCell:
     def __init__(self, hidden_size):
         self.H = hidden_size
         self.buf = _Buffers()
+        self.probe = None  # a list: backward appends the gradient at every state, last step first
 
     def forward(self, ax, state, Wh, extra):
         T, B, _ = ax.shape
@@ -212,6 +220,8 @@ class RNNCell:
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
         for t in reversed(range(T)):
             xp.add(dh_out[t], dh_next, out=da[t])
+            if self.probe is not None:
+                self.probe.append({"h": da[t].copy()})
             da[t] *= 1.0 - h[t + 1] * h[t + 1]
             dh_next = da[t] @ WhT
         return da, da, (dh_next,), {}

@@ -1,0 +1,100 @@
+"""Probes that show why the LSTM works: long-range recall and how far gradients reach back.
+
+recall: on held-out stories of the built-in corpus, how often the model ranks
+    the right name first after "said hi to", per distance (distractor tokens
+    between the name and the question).
+gradflow: for a loss at the last step of a window, the norm of its gradient
+    with respect to the hidden state (and the LSTM's cell state) k steps
+    earlier, averaged over windows of real data, and the fitted per-step
+    log-decay rate: the slope of log(norm) against k.
+"""
+import numpy as np
+
+from lmtrain.backend import to_numpy, xp
+from lmtrain.data import synthetic
+from lmtrain.data.batching import eval_streams
+from lmtrain.errors import LmtrainError
+from lmtrain.generate import _feed
+
+PROBE_STREAM = 3  # the synthetic corpus' "probe" stream: never part of train, valid or test
+
+
+def held_out_stories(synth_cfg, distance, n, exclude):
+    """``n`` stories at exactly ``distance``, drawn from the probe stream and absent from ``exclude``."""
+    rng = np.random.default_rng([synth_cfg.seed, PROBE_STREAM, distance])
+    names = synthetic.name_pool(synth_cfg.num_names)
+    out = []
+    while len(out) < n:
+        tokens, answer = synthetic.story(rng, distance, names)
+        if " ".join(tokens) not in exclude:
+            out.append((tokens, answer))
+    return out
+
+
+def recall(model, vocab, cfg, distances, n=200):
+    """[{distance, accuracy, stories, chance}] for a model trained on the built-in corpus."""
+    if cfg.data.source != "synthetic":
+        raise LmtrainError(f"the recall probe needs a model trained on the built-in stories "
+                           f"(data.source: synthetic); this one was trained on '{cfg.data.source}'")
+    synth = cfg.data.synthetic
+    train = set(synthetic.generate_lines(synth, "train"))
+    rows = []
+    for d in distances:
+        hits = 0
+        for tokens, answer in held_out_stories(synth, d, n, train):
+            prompt = [vocab.eos_id] + list(vocab.encode([vocab.normalize(t) for t in tokens[:answer]]))
+            logits, _ = _feed(model, prompt, model.init_state(1))
+            hits += vocab.words[int(np.argmax(logits))] == vocab.normalize(tokens[answer])
+        rows.append({"distance": d, "accuracy": hits / n, "stories": n,
+                     "chance": 1.0 / (synth.num_names - 1)})
+    return rows
+
+
+def gradflow(model, ids, steps=100, batches=10, batch_size=20, layer=-1):
+    """Mean gradient norms at the states of ``layer``, k = 0..steps steps before a last-step loss.
+
+    Windows of ``steps`` tokens are read in order from ``ids`` over
+    ``batch_size`` streams; the state carries from one window to the next
+    without gradient, as in evaluation, so each window starts from a realistic
+    state.  k = 0 is the state after the last input, k = steps the state the
+    window started from.
+    """
+    inputs, targets, _ = eval_streams(ids, batch_size)
+    T = steps
+    if len(inputs) < T:
+        raise LmtrainError(f"--steps {steps} needs windows of {T} tokens per stream, but the data gives "
+                           f"{len(inputs)} per stream over {batch_size} streams")
+    cell = model.rnns[layer].cell
+    sums, count = {}, 0
+    state = model.init_state(batch_size)
+    weights = np.zeros((T, batch_size), np.float32)
+    weights[-1] = 1.0  # the loss of the last step only
+    for w in range(min(batches, len(inputs) // T)):
+        x, y = inputs[w * T:(w + 1) * T], targets[w * T:(w + 1) * T]
+        start = [tuple(s.copy() for s in layer_state) for layer_state in state]
+        logits, state = model.forward(xp.asarray(x), start, train=False)
+        model.loss(logits, xp.asarray(y), xp.asarray(weights))
+        cell.probe = []
+        try:
+            dstate0 = model.backward()[layer]
+            records = cell.probe  # last step first: record k is k steps before the loss
+        finally:
+            cell.probe = None
+        records.append(dict(zip(records[0], dstate0)))  # k = steps: the window's initial state
+        for k, rec in enumerate(records):
+            for name, g in rec.items():
+                norms = np.linalg.norm(to_numpy(g).astype(np.float64), axis=1)
+                sums.setdefault(name, np.zeros(T + 1))[k] += norms.mean()
+        count += 1
+    return {name: s / count for name, s in sums.items()}
+
+
+def decay_rate(norms, skip=1):
+    """Least-squares slope of log(norm) against k (per-step log-decay; < 0 vanishing, > 0 exploding).
+
+    The first ``skip`` steps are left out: at k = 0 the gradient has not yet
+    gone through a recurrent step.
+    """
+    k = np.arange(len(norms))[skip:]
+    y = np.log(np.maximum(np.asarray(norms)[skip:], 1e-300))
+    return float(np.polyfit(k, y, 1)[0])

@@ -1,0 +1,104 @@
+"""The recall and gradient-flow probes, and the plots, on small models."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lmtrain.config import load_config
+from lmtrain.data.synthetic import SPLIT_STREAMS
+from lmtrain.nn.model import LanguageModel
+from lmtrain.probes import PROBE_STREAM, decay_rate, gradflow, held_out_stories
+from lmtrain.train import fit
+
+
+def lmtrain(*args):
+    return subprocess.run([sys.executable, "-m", "lmtrain", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def small_run(tiny_config, tmp_path):
+    fit(load_config(tiny_config, ["train.epochs=1"]), str(tmp_path / "run"), quiet=True)
+    return tmp_path / "run" / "checkpoints" / "best.npz"
+
+
+def test_probe_stories_are_held_out():
+    assert PROBE_STREAM not in {v for k, v in SPLIT_STREAMS.items() if k != "probe"}
+    cfg = load_config.__globals__["from_dict"]({}).data.synthetic
+    exclude = {" ".join(held_out_stories(cfg, 0, 1, set())[0][0])}
+    stories = held_out_stories(cfg, 0, 50, exclude)
+    assert all(" ".join(t) not in exclude for t, _ in stories)
+    assert all(t[a - 3:a] == ["said", "hi", "to"] for t, a in stories)
+
+
+def test_recall_probe_command_and_json(small_run, tmp_path):
+    proc = lmtrain("probe", "recall", "--ckpt", small_run, "--distances", "0,3", "--stories", "20", "--json",
+                   "--plot", tmp_path / "r.png")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["distances"] == [0, 3] and out["stories"] == 20
+    accuracy = next(iter(out["models"].values()))["accuracy"]
+    assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_recall_probe_refuses_a_ptb_model(tmp_path):
+    from tests.bad_inputs import run_main
+    (tmp_path / "t.yaml").write_text("data: {source: text, train: t.txt, valid: t.txt, test: t.txt}\n"
+                                     "train: {batch_size: 1, bptt: 2, epochs: 1}\n")
+    (tmp_path / "t.txt").write_text("a b c d\ne f g\n")
+    assert run_main(["fit", str(tmp_path / "t.yaml"), "--run-dir", str(tmp_path / "run"), "--quiet"])[0] == 0
+    code, _, err = run_main(["probe", "recall", "--ckpt", str(tmp_path / "run/checkpoints/best.npz")])
+    assert code == 2 and "needs a model trained on the built-in stories" in err
+
+
+def test_gradflow_at_the_window_start_matches_finite_differences():
+    """k = steps is the window's initial state: its gradient norm equals a finite-difference estimate."""
+    from lmtrain.config import from_dict
+    from lmtrain.data.batching import eval_streams
+    from tests.gradcheck import numerical_grad
+    cfg = from_dict({"model": {"emb_size": 6, "hidden_size": 8}}).model
+    model = LanguageModel(cfg, 20, seed=1, dtype="float64")
+    ids = np.random.default_rng(0).integers(0, 20, size=400).astype(np.int32)
+    norms = gradflow(model, ids, steps=9, batches=1, batch_size=4)
+    assert set(norms) == {"h", "c"} and len(norms["h"]) == 10
+    x, y, _ = eval_streams(ids, 4)
+    w = np.zeros((9, 4))
+    w[-1] = 1.0
+    h0, c0 = model.init_state(4)[0]
+
+    def loss():
+        logits, _ = model.forward(x[:9], [(h0, c0)])
+        return model.loss(logits, y[:9], w)
+
+    for name, s0 in (("h", h0), ("c", c0)):
+        fd = numerical_grad(loss, s0, eps=1e-4)  # the gradient is ~1e-6: a larger step keeps rounding small
+        assert norms[name][-1] == pytest.approx(np.linalg.norm(fd, axis=1).mean(), rel=1e-5)
+
+
+def test_decay_rate_recovers_a_known_slope():
+    k = np.arange(50)
+    assert decay_rate(3.0 * np.exp(-0.2 * k)) == pytest.approx(-0.2)
+    assert decay_rate(np.exp(0.05 * k)) == pytest.approx(0.05)
+
+
+def test_gradflow_command_at_init(tiny_config, tmp_path):
+    proc = lmtrain("probe", "gradflow", "--config", tiny_config, "--init-only", "--steps", "8", "--batches", "2",
+                   "--plot", tmp_path / "g.png")
+    assert proc.returncode == 0, proc.stderr
+    assert "per-step log-decay" in proc.stdout and (tmp_path / "g.png").exists()
+    bad = lmtrain("probe", "gradflow", "--ckpt", "x.npz", "--init-only")
+    assert bad.returncode == 2 and "--init-only probes fresh models" in bad.stderr
+
+
+def test_plot_overlays_runs_and_works_without_matplotlib(small_run, tmp_path, monkeypatch):
+    run = small_run.parent.parent
+    proc = lmtrain("plot", run, run, "--out", tmp_path / "c.png")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    from tests.bad_inputs import run_main
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    code, out, _ = run_main(["plot", str(run), "--out", str(tmp_path / "none.png")])
+    assert code == 0 and "pip install -e '.[plot]'" in out and "valid points" in out
+    assert not (tmp_path / "none.png").exists()
