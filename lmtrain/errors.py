@@ -23,3 +23,14 @@ class DataError(LmtrainError):
 
 class CheckpointError(LmtrainError):
     """A checkpoint is missing, truncated or not an lmtrain checkpoint."""
+
+
+def require_file(path, what, error=LmtrainError):
+    """``path`` as a string, or ``error`` saying it is missing or a directory."""
+    import os
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise error(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise error(f"{what} is a directory, not a file: {path}")
+    return path

@@ -99,8 +99,8 @@ def trained_then(setup):
 CASES = [
     # -- configuration --------------------------------------------------------
     ("config-missing", "config file does not exist", None, ["fit", "nope.yaml"], "config file not found: nope.yaml", 2),
-    ("config-directory", "config path is a directory", lambda: os.makedirs("cfgdir"), ["fit", "cfgdir"],
-     "config path is a directory", 2),
+    ("config-directory", "config file is a directory", lambda: os.makedirs("cfgdir"), ["fit", "cfgdir"],
+     "config file is a directory", 2),
     ("yaml-syntax", "YAML syntax error", lambda: write("c.yaml", "model:\n  emb_size: 10\n  hidden_size: 3: 4\n"),
      ["fit", "c.yaml"], "c.yaml:3:17: invalid YAML: mapping values are not allowed here", 2),
     ("yaml-duplicate", "the same key twice", lambda: write("c.yaml", "train:\n  lr: 1\n  lr: 2\n"),

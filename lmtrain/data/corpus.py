@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmtrain.data.vocab import EOS, Vocab
-from lmtrain.errors import DataError
+from lmtrain.errors import DataError, require_file
 
 SPLITS = ("train", "valid", "test")
 
@@ -22,22 +22,13 @@ SPLITS = ("train", "valid", "test")
 MAX_LINE_BYTES = 16 << 20
 
 
-def _check_file(path, what):
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{what} not found: {path}")
-    if os.path.isdir(path):
-        raise DataError(f"{what} is a directory, not a file: {path}")
-    return path
-
-
 def read_lines(path, what="corpus file"):
     """Yield the decoded lines of a UTF-8 text file, one at a time.
 
     A missing, binary or non-UTF-8 file, or a line over MAX_LINE_BYTES, is a
     DataError that names the file and the line.
     """
-    path = _check_file(path, what)
+    path = require_file(path, what, DataError)
     try:
         with open(path, "rb") as fh:
             for number, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), 1):
@@ -110,7 +101,7 @@ def load_text_corpus(paths, min_freq=1, max_size=None, lowercase=False, cache_di
     if cache_dir is not None:
         h = hashlib.sha256(json.dumps([min_freq, max_size, lowercase]).encode())
         for s in SPLITS:
-            h.update(sha256_file(_check_file(paths[s], f"{s} file")).encode())
+            h.update(sha256_file(require_file(paths[s], f"{s} file", DataError)).encode())
         key = os.path.join(cache_dir, f"corpus-{h.hexdigest()[:20]}.npz")
         cached = _read_cache(key)
         if cached is not None:

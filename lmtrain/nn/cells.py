@@ -48,17 +48,25 @@ class _Buffers:
         return {k: a[:T + widths[k][0]] for k, a in self._arrays.items()}
 
 
-class LSTMCell:
-    """Gates f, i, o, g; state (h, c)."""
+class Cell:
+    """What a cell declares: ``gates`` blocks of H columns in W_x, W_h and b; the names of its
+    state arrays; extra parameters beyond those three.  ``forward`` and ``backward`` run a window."""
 
-    gates = 4
-    state_names = ("h", "c")
+    gates = 1
+    state_names = ("h",)
     extra_params = {}
 
     def __init__(self, hidden_size):
         self.H = hidden_size
         self.buf = _Buffers()
         self.probe = None  # a list: backward appends the gradient at every state, last step first
+
+
+class LSTMCell(Cell):
+    """Gates f, i, o, g; state (h, c)."""
+
+    gates = 4
+    state_names = ("h", "c")
 
     # -- one step -----------------------------------------------------------
     def step_forward(self, a, c_prev, out_c, out_tanh_c, out_h):
@@ -128,7 +136,7 @@ class LSTMCell:
         return dact, dact, (dh_next, dc), {}
 
 
-class GRUCell:
+class GRUCell(Cell):
     """Gates r, z, n (reset applied after the recurrent product, as cuDNN and PyTorch do); state (h,).
 
         r = sigmoid(a_r + u_r),  z = sigmoid(a_z + u_z),  n = tanh(a_n + r * (u_n + b_hn))
@@ -136,13 +144,7 @@ class GRUCell:
     """
 
     gates = 3
-    state_names = ("h",)
     extra_params = {"bias_h": lambda H: (H,)}  # b_hn: inside the reset product, so not mergeable into b
-
-    def __init__(self, hidden_size):
-        self.H = hidden_size
-        self.buf = _Buffers()
-        self.probe = None  # a list: backward appends the gradient at every state, last step first
 
     def forward(self, ax, state, Wh, extra):
         T, B, G = ax.shape
@@ -191,17 +193,8 @@ class GRUCell:
         return dax, dah, (dh_next,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
 
 
-class RNNCell:
+class RNNCell(Cell):
     """The plain (Elman) tanh RNN: h_t = tanh(x W_x + h_{t-1} W_h + b); state (h,)."""
-
-    gates = 1
-    state_names = ("h",)
-    extra_params = {}
-
-    def __init__(self, hidden_size):
-        self.H = hidden_size
-        self.buf = _Buffers()
-        self.probe = None  # a list: backward appends the gradient at every state, last step first
 
     def forward(self, ax, state, Wh, extra):
         T, B, _ = ax.shape
