@@ -7,7 +7,7 @@ arrays plus scalars so that checkpoints can store it without pickling.
 import contextlib
 import math
 
-from lmtrain.backend import xp
+from lmtrain.backend import parallel_rows, xp
 
 
 def grad_norm(store):
@@ -49,19 +49,28 @@ class SGD(Optimizer):
         self.velocity = xp.zeros_like(store.data) if momentum else None
 
     def step(self, lr, grad_scale=1.0):
-        p, g = self.store.data, self.store.grad
-        if grad_scale != 1.0:
-            g *= g.dtype.type(grad_scale)
-        if self.weight_decay:
-            g += p.dtype.type(self.weight_decay) * p
-        if self.momentum:
-            v = self.velocity
-            v *= v.dtype.type(self.momentum)
-            v += g
-            xp.multiply(v, v.dtype.type(lr), out=g)
-        else:
-            g *= g.dtype.type(lr)
-        p -= g
+        p, g, v = self.store.data, self.store.grad, self.velocity
+        f = p.dtype.type
+
+        def update(a, b):  # on a slice of the buffers: the slices run in threads
+            pa, ga = p[a:b], g[a:b]
+            scale = grad_scale
+            if self.weight_decay:
+                if scale != 1.0:
+                    ga *= f(scale)
+                ga += f(self.weight_decay) * pa
+                scale = 1.0
+            if self.momentum:
+                va = v[a:b]
+                va *= f(self.momentum)
+                if scale != 1.0:
+                    ga *= f(scale)
+                va += ga
+                xp.multiply(va, f(lr), out=ga)
+            else:
+                ga *= f(lr * scale)
+            pa -= ga
+        parallel_rows(update, p.size, 1)
 
     def state_dict(self):
         if self.velocity is None:
@@ -96,10 +105,14 @@ class NTASGD(SGD):
         super().step(lr, grad_scale)
         if self.averaging:
             self.n_avg += 1
-            g = self.store.grad  # scratch: avg += (p - avg) / n
-            xp.subtract(self.store.data, self.avg, out=g)
-            g *= g.dtype.type(1.0 / self.n_avg)
-            self.avg += g
+            p, g, avg = self.store.data, self.store.grad, self.avg
+            k = g.dtype.type(1.0 / self.n_avg)
+
+            def average(a, b):  # avg += (p - avg) / n, with the gradient buffer as scratch
+                xp.subtract(p[a:b], avg[a:b], out=g[a:b])
+                g[a:b] *= k
+                avg[a:b] += g[a:b]
+            parallel_rows(average, p.size, 1)
 
     def observe_validation(self, loss):
         switch = (not self.averaging and len(self.history) > self.nonmono
@@ -163,27 +176,30 @@ class Adam(Optimizer):
     def step(self, lr, grad_scale=1.0):
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        p, g, m, v, tmp = self.store.data, self.store.grad, self.m, self.v, self.tmp
-        f = p.dtype.type
-        if grad_scale != 1.0:
-            g *= f(grad_scale)
-        if self.weight_decay and self.decoupled:
-            p *= f(1.0 - lr * self.weight_decay)
-        elif self.weight_decay:
-            g += f(self.weight_decay) * p
+        f = self.store.data.dtype.type
         step_size = lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        v *= f(b2)
-        xp.multiply(g, g, out=tmp)
-        tmp *= f(1 - b2)
-        v += tmp
-        m *= f(b1)
-        g *= f(1 - b1)
-        m += g
-        xp.sqrt(v, out=tmp)
-        tmp += f(self.eps)
-        xp.divide(m, tmp, out=tmp)
-        tmp *= f(step_size)
-        p -= tmp
+
+        def update(a, b):  # on a slice of the buffers: the slices run in threads
+            p, g, m, v, tmp = (x[a:b] for x in (self.store.data, self.store.grad, self.m, self.v, self.tmp))
+            if grad_scale != 1.0:
+                g *= f(grad_scale)
+            if self.weight_decay and self.decoupled:
+                p *= f(1.0 - lr * self.weight_decay)
+            elif self.weight_decay:
+                g += f(self.weight_decay) * p
+            v *= f(b2)
+            xp.multiply(g, g, out=tmp)
+            tmp *= f(1 - b2)
+            v += tmp
+            m *= f(b1)
+            g *= f(1 - b1)
+            m += g
+            xp.sqrt(v, out=tmp)
+            tmp += f(self.eps)
+            xp.divide(m, tmp, out=tmp)
+            tmp *= f(step_size)
+            p -= tmp
+        parallel_rows(update, self.store.data.size, 1)
 
     def state_dict(self):
         arrays = {f"m.{k}": a for k, a in self.store.views_of(self.m).items()}

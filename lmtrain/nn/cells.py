@@ -109,12 +109,12 @@ class LSTMCell(Cell):
         """``ax`` (T, B, 4H): x W_x + b, turned into gate activations in place.  Returns h (T+1, B, H)."""
         T, B, _ = ax.shape
         b = self.buf.get(T, B, ax.dtype, h=(1, self.H), c=(1, self.H), tanh_c=(0, self.H),
-                         dact=(0, 4 * self.H))
+                         dact=(0, 4 * self.H), u=(0, 4 * self.H))
         self.act, self.h, self.c, self.tanh_c, self.dact = ax, b["h"], b["c"], b["tanh_c"], b["dact"]
-        h, c = self.h, self.c
+        h, c, u = self.h, self.c, b["u"]
         h[0], c[0] = state
         for t in range(T):
-            ax[t] += h[t] @ Wh
+            ax[t] += xp.matmul(h[t], Wh, out=u[t])
             self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
         return h, (h[T].copy(), c[T].copy())
 
