@@ -137,10 +137,13 @@ def probe():
 @click.option("--distances", default="5,10,20,40,80", show_default=True, help="Comma-separated distances.")
 @click.option("--stories", type=click.IntRange(min=1), default=200, show_default=True,
               help="Held-out stories per distance.")
+@click.option("--mode", type=click.Choice(["stream", "prompt"]), default="stream", show_default=True,
+              help="stream: stories in sequence, state carried (as trained); prompt: each alone from an "
+                   "empty state (as generate).")
 @click.option("--plot", "plot_path", default="recall.png", show_default=True, help="PNG to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @debug_option
-def probe_recall(ckpts, distances, stories, plot_path, as_json, debug):
+def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
     """Accuracy of the name after "said hi to", per distance, on held-out stories."""
     from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
     from lmtrain.plots import plot_recall
@@ -150,17 +153,19 @@ def probe_recall(ckpts, distances, stories, plot_path, as_json, debug):
     results = {}
     for path in ckpts:
         model, vocab, cfg = model_from_checkpoint(load_checkpoint(path))
-        results[_label(cfg, path, results)] = recall(model, vocab, cfg, distances, stories)
+        results[_label(cfg, path, results)] = recall(model, vocab, cfg, distances, stories, mode)
     if as_json:
         click.echo(json.dumps({"distances": distances, "models": {k: {"ckpt": p, "accuracy": [r["accuracy"] for r in v]}
                                                                   for (k, v), p in zip(results.items(), ckpts)},
-                               "stories": stories, "chance": next(iter(results.values()))[0]["chance"]}))
+                               "stories": stories, "mode": mode,
+                               "chance": next(iter(results.values()))[0]["chance"]}))
     else:
         width = max(len(k) for k in results)
         click.echo(f"{'distance':>{width}} " + " ".join(f"{d:>7}" for d in distances))
         for label, rows in results.items():
             click.echo(f"{label:>{width}} " + " ".join(f"{r['accuracy']:>7.3f}" for r in rows))
-        click.echo(f"{stories} held-out stories per distance; chance {next(iter(results.values()))[0]['chance']:.3f}")
+        click.echo(f"{stories} held-out stories per distance, read in {mode} mode; chance "
+                   f"{next(iter(results.values()))[0]['chance']:.3f}")
     written = plot_recall(results, plot_path)
     if not as_json:
         _say_plot(written, plot_path)

@@ -31,8 +31,39 @@ def held_out_stories(synth_cfg, distance, n, exclude):
     return out
 
 
-def recall(model, vocab, cfg, distances, n=200):
-    """[{distance, accuracy, stories, chance}] for a model trained on the built-in corpus."""
+def _stream_hits(model, vocab, stories):
+    """Stories read one after another, state carried, as in training: correct answers after the first story."""
+    ids, answers = [vocab.eos_id], []
+    for tokens, answer in stories:
+        answers.append(len(ids) + answer)
+        ids.extend(vocab.encode([vocab.normalize(t) for t in tokens]))
+        ids.append(vocab.eos_id)
+    ids = np.asarray(ids, np.int32)
+    state, preds = model.init_state(1), []
+    for i in range(0, len(ids) - 1, 512):
+        logits, state = model.forward(xp.asarray(ids[i:i + 512][:, None]), state)
+        preds.append(to_numpy(logits.argmax(axis=1)))
+    preds = np.concatenate(preds)
+    return sum(int(preds[p - 1] == ids[p]) for p in answers[1:])  # the first story has no context
+
+
+def _prompt_hits(model, vocab, stories):
+    """Each story alone from an empty state, after <eos>, as `lmtrain generate` reads a prompt."""
+    hits = 0
+    for tokens, answer in stories:
+        prompt = [vocab.eos_id] + list(vocab.encode([vocab.normalize(t) for t in tokens[:answer]]))
+        logits, _ = _feed(model, prompt, model.init_state(1))
+        hits += vocab.words[int(np.argmax(logits))] == vocab.normalize(tokens[answer])
+    return hits
+
+
+def recall(model, vocab, cfg, distances, n=200, mode="stream"):
+    """[{distance, accuracy, stories, chance}] for a model trained on the built-in corpus.
+
+    ``mode`` "stream": the held-out stories are read in sequence with the
+    state carried, as the model was trained and as perplexity is measured;
+    "prompt": each story alone from an empty state, as `lmtrain generate`.
+    """
     if cfg.data.source != "synthetic":
         raise LmtrainError(f"the recall probe needs a model trained on the built-in stories "
                            f"(data.source: synthetic); this one was trained on '{cfg.data.source}'")
@@ -40,12 +71,11 @@ def recall(model, vocab, cfg, distances, n=200):
     train = set(synthetic.generate_lines(synth, "train"))
     rows = []
     for d in distances:
-        hits = 0
-        for tokens, answer in held_out_stories(synth, d, n, train):
-            prompt = [vocab.eos_id] + list(vocab.encode([vocab.normalize(t) for t in tokens[:answer]]))
-            logits, _ = _feed(model, prompt, model.init_state(1))
-            hits += vocab.words[int(np.argmax(logits))] == vocab.normalize(tokens[answer])
-        rows.append({"distance": d, "accuracy": hits / n, "stories": n,
+        if mode == "stream":
+            hits = _stream_hits(model, vocab, held_out_stories(synth, d, n + 1, train))
+        else:
+            hits = _prompt_hits(model, vocab, held_out_stories(synth, d, n, train))
+        rows.append({"distance": d, "accuracy": hits / n, "stories": n, "mode": mode,
                      "chance": 1.0 / (synth.num_names - 1)})
     return rows
 

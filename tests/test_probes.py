@@ -23,6 +23,36 @@ def small_run(tiny_config, tmp_path):
     return tmp_path / "run" / "checkpoints" / "best.npz"
 
 
+def test_stream_mode_scores_the_answer_positions():
+    """A stand-in model that predicts the true next token scores every story but the first; an off-by-one one, 0."""
+    from lmtrain.config import SyntheticConfig
+    from lmtrain.data.vocab import Vocab
+    from lmtrain.probes import _stream_hits
+    stories = held_out_stories(SyntheticConfig(), 4, 30, set())
+    vocab = Vocab(["<eos>", "<unk>"] + sorted({w for t, _ in stories for w in t}))
+    stream = [vocab.eos_id]
+    for t, _ in stories:
+        stream += list(vocab.encode(t)) + [vocab.eos_id]
+
+    class StandIn:
+        """Reads the stream; its logits point at the true next token (shifted by ``offset``)."""
+        def __init__(self, offset):
+            self.offset = offset
+
+        def init_state(self, batch):
+            return [0]
+
+        def forward(self, ids, state):
+            logits = np.zeros((len(ids), len(vocab)))
+            for i in range(len(ids)):
+                pos = state[0] + i + 1
+                logits[i, ((stream[pos] if pos < len(stream) else 0) + self.offset) % len(vocab)] = 1.0
+            return logits, [state[0] + len(ids)]
+
+    assert _stream_hits(StandIn(0), vocab, stories) == len(stories) - 1
+    assert _stream_hits(StandIn(1), vocab, stories) == 0
+
+
 def test_probe_stories_are_held_out():
     assert PROBE_STREAM not in {v for k, v in SPLIT_STREAMS.items() if k != "probe"}
     cfg = load_config.__globals__["from_dict"]({}).data.synthetic
@@ -32,12 +62,13 @@ def test_probe_stories_are_held_out():
     assert all(t[a - 3:a] == ["said", "hi", "to"] for t, a in stories)
 
 
-def test_recall_probe_command_and_json(small_run, tmp_path):
+@pytest.mark.parametrize("mode", ["stream", "prompt"])
+def test_recall_probe_command_and_json(small_run, tmp_path, mode):
     proc = lmtrain("probe", "recall", "--ckpt", small_run, "--distances", "0,3", "--stories", "20", "--json",
-                   "--plot", tmp_path / "r.png")
+                   "--plot", tmp_path / "r.png", "--mode", mode)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["distances"] == [0, 3] and out["stories"] == 20
+    assert out["distances"] == [0, 3] and out["stories"] == 20 and out["mode"] == mode
     accuracy = next(iter(out["models"].values()))["accuracy"]
     assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
     assert (tmp_path / "r.png").stat().st_size > 1000
