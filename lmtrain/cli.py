@@ -176,6 +176,8 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
 @click.option("--config", "configs", multiple=True, type=click.Path(),
               help="With --init-only: probe a freshly initialised model of this config (repeatable).")
 @click.option("--init-only", is_flag=True, help="Probe models at initialisation, from --config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key of every --config, e.g. --set data.root=../shared/data/ptb.")
 @click.option("--steps", type=click.IntRange(min=2), default=100, show_default=True,
               help="Largest k: how many steps back.")
 @click.option("--batches", type=click.IntRange(min=1), default=10, show_default=True,
@@ -185,7 +187,7 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
 @click.option("--plot", "plot_path", default="gradflow.png", show_default=True, help="PNG to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @debug_option
-def probe_gradflow(ckpts, configs, init_only, steps, batches, split, plot_path, as_json, debug):
+def probe_gradflow(ckpts, configs, init_only, overrides, steps, batches, split, plot_path, as_json, debug):
     """Gradient norm at the state k steps before a loss, for k = 0..steps, and its per-step decay."""
     from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
     from lmtrain.config import load_config
@@ -204,7 +206,7 @@ def probe_gradflow(ckpts, configs, init_only, steps, batches, split, plot_path, 
         model, vocab, cfg = model_from_checkpoint(load_checkpoint(path), dtype="float64")
         models.append((path, model, cfg, load_corpus(cfg.data, log=quiet)))
     for path in configs:
-        cfg = load_config(path)
+        cfg = load_config(path, overrides)
         corpus = load_corpus(cfg.data, log=quiet)
         models.append((path, LanguageModel(cfg.model, len(corpus.vocab), seed=cfg.seed, dtype="float64"), cfg,
                        corpus))

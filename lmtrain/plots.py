@@ -59,7 +59,7 @@ def plot_runs(run_dirs, out):
                         label=f"{name} train")
             if c["valid"]:
                 ax.plot([r[x] for r in c["valid"]], [r[2] for r in c["valid"]], color=color, marker="o", lw=2,
-                        label=f"{name} valid" + (f" (test {c['test']:.1f})" if c["test"] else ""))
+                        label=f"{name} valid" + (f" (test {c['test']:.4g})" if c["test"] else ""))
     for ax, label in ((axes[0], "optimizer steps"), (axes[1], "elapsed seconds")):
         ax.set_xlabel(label)
         ax.set_ylabel("perplexity")
