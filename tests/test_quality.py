@@ -1,7 +1,7 @@
 """Quality claims, each from a run made for it.
 
 The quickstart check runs by default (about two minutes); the PTB presets take
-from ten minutes to an hour and are marked slow (`make test-slow`).
+from five minutes to an hour each and are marked slow (`make test-slow`).
 """
 import json
 
@@ -55,3 +55,9 @@ def test_ptb_dlfs2_matches_the_book(ptb, tmp_path):
 @pytest.mark.slow
 def test_ptb_small_matches_zaremba(ptb, tmp_path):
     assert ptb_run(ptb, tmp_path, "ptb-small") <= 115.0
+
+
+@pytest.mark.slow
+def test_ptb_speedrun_beats_the_pytorch_example_in_an_hour(ptb, tmp_path):
+    # PyTorch's word_language_model --tied reaches 88.0 in 60 minutes on 2 cores; the target is 5% better
+    assert ptb_run(ptb, tmp_path, "ptb-speedrun") <= 84.0
