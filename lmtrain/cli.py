@@ -154,18 +154,17 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
     for path in ckpts:
         model, vocab, cfg = model_from_checkpoint(load_checkpoint(path))
         results[_label(cfg, path, results)] = recall(model, vocab, cfg, distances, stories, mode)
+    chance = next(iter(results.values()))[0]["chance"]
     if as_json:
         click.echo(json.dumps({"distances": distances, "models": {k: {"ckpt": p, "accuracy": [r["accuracy"] for r in v]}
                                                                   for (k, v), p in zip(results.items(), ckpts)},
-                               "stories": stories, "mode": mode,
-                               "chance": next(iter(results.values()))[0]["chance"]}))
+                               "stories": stories, "mode": mode, "chance": chance}))
     else:
         width = max(len(k) for k in results)
         click.echo(f"{'distance':>{width}} " + " ".join(f"{d:>7}" for d in distances))
         for label, rows in results.items():
             click.echo(f"{label:>{width}} " + " ".join(f"{r['accuracy']:>7.3f}" for r in rows))
-        click.echo(f"{stories} held-out stories per distance, read in {mode} mode; chance "
-                   f"{next(iter(results.values()))[0]['chance']:.3f}")
+        click.echo(f"{stories} held-out stories per distance, read in {mode} mode; chance {chance:.3f}")
     written = plot_recall(results, plot_path)
     if not as_json:
         _say_plot(written, plot_path)

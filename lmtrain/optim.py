@@ -55,16 +55,14 @@ class SGD(Optimizer):
         def update(a, b):  # on a slice of the buffers: the slices run in threads
             pa, ga = p[a:b], g[a:b]
             scale = grad_scale
-            if self.weight_decay:
-                if scale != 1.0:
-                    ga *= f(scale)
-                ga += f(self.weight_decay) * pa
+            if (self.weight_decay or self.momentum) and scale != 1.0:
+                ga *= f(scale)  # both need the clipped gradient itself; plain SGD folds it into lr below
                 scale = 1.0
+            if self.weight_decay:
+                ga += f(self.weight_decay) * pa
             if self.momentum:
                 va = v[a:b]
                 va *= f(self.momentum)
-                if scale != 1.0:
-                    ga *= f(scale)
                 va += ga
                 xp.multiply(va, f(lr), out=ga)
             else:

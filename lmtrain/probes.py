@@ -31,12 +31,17 @@ def held_out_stories(synth_cfg, distance, n, exclude):
     return out
 
 
+def _story_ids(vocab, tokens):
+    """A story's words as ids, normalised as the vocabulary was built."""
+    return vocab.encode([vocab.normalize(t) for t in tokens])
+
+
 def _stream_hits(model, vocab, stories):
     """Stories read one after another, state carried, as in training: correct answers after the first story."""
     ids, answers = [vocab.eos_id], []
     for tokens, answer in stories:
         answers.append(len(ids) + answer)
-        ids.extend(vocab.encode([vocab.normalize(t) for t in tokens]))
+        ids.extend(_story_ids(vocab, tokens))
         ids.append(vocab.eos_id)
     ids = np.asarray(ids, np.int32)
     state, preds = model.init_state(1), []
@@ -51,7 +56,7 @@ def _prompt_hits(model, vocab, stories):
     """Each story alone from an empty state, after <eos>, as `lmtrain generate` reads a prompt."""
     hits = 0
     for tokens, answer in stories:
-        prompt = [vocab.eos_id] + list(vocab.encode([vocab.normalize(t) for t in tokens[:answer]]))
+        prompt = [vocab.eos_id] + list(_story_ids(vocab, tokens[:answer]))
         logits, _ = _feed(model, prompt, model.init_state(1))
         hits += vocab.words[int(np.argmax(logits))] == vocab.normalize(tokens[answer])
     return hits
