@@ -6,8 +6,10 @@
 For each config, the PyTorch model (Embedding, nn.LSTM, Linear, the same
 dropout, tying, clipping and plain SGD) and lmtrain's Trainer.train_step run
 the same synthetic token ids.  They take turns, repeat after repeat, so that
-drift on a shared machine hits both alike; each figure is a median, and only
-the ratios are meant to be compared.  torch is an optional extra:
+drift on a shared machine hits both alike, with a pause between turns so that
+one library's idle threads (OpenBLAS's and OpenMP's spin for a while after
+their last call) do not take a core from the other's turn; each figure is a
+median, and only the ratios are meant to be compared.  torch is an optional extra:
 `pip install -e '.[bench]'` (on the project's machines `pip install torch==2.13.0`
 takes the CPU build from local disk).
 """
@@ -17,10 +19,11 @@ import os
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import lmtrain  # noqa: E402,F401  before numpy: it sets OpenBLAS's thread timeout, read when numpy loads
+
+import numpy as np  # noqa: E402
 
 try:
     import torch
@@ -104,7 +107,7 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def compare(path, steps, repeats, vocab_size, gen_tokens=50):
+def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5):
     cfg = load_config(path)
     ours = Bench(cfg, vocab_size, steps)
     theirs = TorchBench(cfg, ours.trainer.train_data, vocab_size, steps)
@@ -140,7 +143,9 @@ def compare(path, steps, repeats, vocab_size, gen_tokens=50):
         mine(), other()  # warm-up
         a, b = [], []
         for _ in range(repeats):  # alternate, so drift hits both
+            time.sleep(pause)
             a.append(timed(mine))
+            time.sleep(pause)
             b.append(timed(other))
         a, b = float(np.median(a)), float(np.median(b))
         if name == "generate":
@@ -158,12 +163,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--vocab-size", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: its own choice)")
+    ap.add_argument("--pause", type=float, default=0.5,
+                    help="seconds between turns: both libraries' idle threads spin for a while after their "
+                         "last call, and would take a core from the other's turn")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.chdir(ROOT)
-    results = [compare(c, args.steps, args.repeats, args.vocab_size) for c in args.configs]
+    results = [compare(c, args.steps, args.repeats, args.vocab_size, pause=args.pause) for c in args.configs]
     if args.json:
         print(json.dumps(results))
         return
