@@ -107,6 +107,23 @@ def timed(fn):
     return time.perf_counter() - start
 
 
+def torch_alone(path, steps, repeats, vocab_size, gen_tokens=50):
+    """PyTorch's figures with no lmtrain work in the process: a check that alternating does not slow it."""
+    cfg = load_config(path)
+    t = cfg.train
+    data = Bench(cfg, vocab_size, steps).trainer.train_data  # the same ids; building them runs no products
+    theirs = TorchBench(cfg, data, vocab_size, steps)
+    tokens = steps * t.bptt * t.batch_size
+    result = {"config": path}
+    for name, fn in (("train", theirs.train), ("eval", theirs.evaluate)):
+        fn()
+        result[name] = tokens / float(np.median([timed(fn) for _ in range(repeats)]))
+    fn = lambda: theirs.generate(gen_tokens)  # noqa: E731
+    fn()
+    result["generate_ms"] = 1000 * float(np.median([timed(fn) for _ in range(repeats)])) / gen_tokens
+    return result
+
+
 def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5):
     cfg = load_config(path)
     ours = Bench(cfg, vocab_size, steps)
@@ -166,11 +183,24 @@ def main():
     ap.add_argument("--pause", type=float, default=0.5,
                     help="seconds between turns: both libraries' idle threads spin for a while after their "
                          "last call, and would take a core from the other's turn")
+    ap.add_argument("--torch-only", action="store_true",
+                    help="time PyTorch alone, with no lmtrain work in between (a check on the alternation)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     os.chdir(ROOT)
+    if args.torch_only:
+        results = [torch_alone(c, args.steps, args.repeats, args.vocab_size) for c in args.configs]
+        if args.json:
+            print(json.dumps(results))
+            return
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, alone; medians of {args.repeats} "
+              f"repeats of {args.steps} windows")
+        for r in results:
+            print(f"{r['config']:<34} train {r['train']:>9,.0f} tokens/s   eval {r['eval']:>9,.0f} tokens/s   "
+                  f"generate {r['generate_ms']:.2f} ms/token")
+        return
     results = [compare(c, args.steps, args.repeats, args.vocab_size, pause=args.pause) for c in args.configs]
     if args.json:
         print(json.dumps(results))

@@ -24,8 +24,9 @@ from lmtrain.nn.model import layer_sizes
 from lmtrain.train import Trainer
 
 
-def training_products(model_cfg, V, B, T):
-    """(name, m, k, n, count): every matrix product of one training window (forward and backward)."""
+def training_products(model_cfg, V, B, T, backward=True):
+    """(name, m, k, n, count): every matrix product of one training window; with ``backward=False``
+    only the forward pass's (what evaluation runs)."""
     E, N = model_cfg.emb_size, T * B
     sizes = layer_sizes(model_cfg)
     G = CELLS[model_cfg.cell].gates
@@ -33,16 +34,18 @@ def training_products(model_cfg, V, B, T):
     for layer, H in enumerate(sizes):
         D = E if layer == 0 else sizes[layer - 1]
         out += [(f"rnn.{layer} x W_x (window)", N, D, G * H, 1),
-                (f"rnn.{layer} h W_h (per step)", B, H, G * H, T),
-                (f"rnn.{layer} dA W_h^T (per step)", B, G * H, H, T),
-                (f"rnn.{layer} dW_x (window)", D, N, G * H, 1),
-                (f"rnn.{layer} dW_h (window)", H, N, G * H, 1),
-                (f"rnn.{layer} dA W_x^T (window)", N, G * H, D, 1)]
+                (f"rnn.{layer} h W_h (per step)", B, H, G * H, T)]
+        if backward:
+            out += [(f"rnn.{layer} dA W_h^T (per step)", B, G * H, H, T),
+                    (f"rnn.{layer} dW_x (window)", D, N, G * H, 1),
+                    (f"rnn.{layer} dW_h (window)", H, N, G * H, 1),
+                    (f"rnn.{layer} dA W_x^T (window)", N, G * H, D, 1)]
     H = sizes[-1]
-    out += [("decoder [h, 1] W (window)", N, H + 1, V, 1),
-            ("decoder dW (window)", H + 1, N, V, 1) if not model_cfg.tie_weights else
-            ("decoder dW (window)", V, N, H + 1, 1),
-            ("decoder dlogits W^T (window)", N, V, H, 1)]
+    out += [("decoder [h, 1] W (window)", N, H + 1, V, 1)]
+    if backward:
+        out += [("decoder dW (window)", H + 1, N, V, 1) if not model_cfg.tie_weights else
+                ("decoder dW (window)", V, N, H + 1, 1),
+                ("decoder dlogits W^T (window)", N, V, H, 1)]
     return out
 
 
@@ -150,20 +153,16 @@ class Bench:
         return 1000 * _median_time(run, repeats) / tokens
 
     def limit_seconds(self):
-        """Per training window: the matrix products at their best measured rates."""
+        """Per window: the matrix products at their best measured rates, for training and for
+        evaluation (forward only).  Returns (training s, evaluation s, training FLOPs, rows)."""
         t = self.cfg.train
         products = training_products(self.cfg.model, self.V, t.batch_size, t.bptt)
-        cache = {}
-        total = 0.0
-        rows = []
-        for name, m, k, n, count in products:
-            if (m, k, n) not in cache:
-                cache[(m, k, n)] = best_product_time(m, k, n, self.model.dtype)
-            seconds = cache[(m, k, n)]
-            total += seconds * count
-            rows.append({"product": name, "shape": [m, k, n], "count": count,
-                         "gflop_s": 2 * m * k * n / seconds / 1e9})
-        return total, flops(products), rows
+        forward = training_products(self.cfg.model, self.V, t.batch_size, t.bptt, backward=False)
+        seconds = {(m, k, n): best_product_time(m, k, n, self.model.dtype) for _, m, k, n, _ in products}
+        total = lambda ps: sum(seconds[(m, k, n)] * count for _, m, k, n, count in ps)  # noqa: E731
+        rows = [{"product": name, "shape": [m, k, n], "count": count,
+                 "gflop_s": 2 * m * k * n / seconds[(m, k, n)] / 1e9} for name, m, k, n, count in products]
+        return total(products), total(forward), flops(products), rows
 
 
 def run_bench(cfg, steps=10, repeats=5, vocab_size=10000):
@@ -171,7 +170,7 @@ def run_bench(cfg, steps=10, repeats=5, vocab_size=10000):
     train_tps, step_s = b.train_tokens_per_s(repeats)
     eval_tps = b.eval_tokens_per_s(repeats)
     gen_ms = b.generate_ms_per_token(repeats=repeats)
-    limit_s, step_flops, products = b.limit_seconds()
+    limit_s, eval_limit_s, step_flops, products = b.limit_seconds()
     t = cfg.train
     return {
         "config": {"emb_size": cfg.model.emb_size, "hidden_size": cfg.model.hidden_size,
@@ -188,6 +187,7 @@ def run_bench(cfg, steps=10, repeats=5, vocab_size=10000):
         "limit_step_ms": 1000 * limit_s,
         "percent_of_limit": 100 * limit_s / step_s,
         "eval_tokens_per_s": eval_tps,
+        "eval_limit_tokens_per_s": t.batch_size * t.bptt / eval_limit_s,
         "generate_ms_per_token": gen_ms,
         "peak_rss_mb": peak_rss_mb(),
         "products": products,
@@ -204,7 +204,8 @@ def format_report(r):
         f"{r['train_gflop_s']:.0f} GFLOP/s ({r['flops_per_token'] / 1e6:.1f} MFLOP per token)",
         f"limit       {r['limit_step_ms']:>10.1f} ms per window at the best measured rate of each product: "
         f"{r['percent_of_limit']:.0f}% of the limit reached",
-        f"evaluation  {r['eval_tokens_per_s']:>10,.0f} tokens/s",
+        f"evaluation  {r['eval_tokens_per_s']:>10,.0f} tokens/s   limit {r['eval_limit_tokens_per_s']:,.0f} tokens/s "
+        f"(its forward products at their best measured rates)",
         f"generation  {r['generate_ms_per_token']:>10.2f} ms per token (batch 1)",
         f"peak RSS    {r['peak_rss_mb']:>10.0f} MB",
         "products of one training window (best rate measured for each shape):",

@@ -13,6 +13,8 @@ def test_flop_counts_match_the_published_figures():
     per_token = lambda cfg: flops(training_products(cfg, 10000, 20, 35)) / 700  # noqa: E731
     assert 6.4e6 < per_token(S) < 6.7e6
     assert 79e6 < per_token(M) < 81e6
+    forward = lambda cfg: flops(training_products(cfg, 10000, 20, 35, backward=False)) / 700  # noqa: E731
+    assert abs(3 * forward(M) - per_token(M)) < 0.01 * per_token(M)  # backward costs twice the forward
 
 
 def test_bench_command_reports_every_figure(tiny_config):
@@ -24,3 +26,4 @@ def test_bench_command_reports_every_figure(tiny_config):
                 "train_gflop_s", "peak_rss_mb", "limit_step_ms"):
         assert report[key] > 0, key
     assert len(report["products"]) == 9
+    assert report["eval_limit_tokens_per_s"] > 0
