@@ -177,6 +177,23 @@ def test_time_budget_ends_training_evaluated_and_saved(tmp_path, tiny_config):
     assert (run / "checkpoints" / "best.npz").exists()
 
 
+def test_budget_running_out_during_a_validation_is_reported(tmp_path, tiny_config, monkeypatch):
+    """The budget can run out while an epoch's closing validation runs; the run still says why it stopped."""
+    import lmtrain.train as train_module
+    real_evaluate = train_module.evaluate
+
+    def evaluate_then_out_of_time(*args, **kwargs):
+        result = real_evaluate(*args, **kwargs)
+        monkeypatch.setattr(train_module.Trainer, "elapsed", lambda self: 1e9)
+        return result
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_out_of_time)
+    cfg = load_config(tiny_config, ["train.epochs=3", "train.time_budget=10"])
+    fit(cfg, str(tmp_path / "run"), quiet=True)
+    events = [json.loads(line)["event"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert events.count("valid") == 1 and events.count("time_budget") == 1
+    assert events[-1] == "test"
+
+
 def test_orthogonal_recurrent_init():
     cfg = ModelConfig(emb_size=6, hidden_size=8, orthogonal_recurrent=True)
     W = LanguageModel(cfg, 10, dtype="float64").params["rnn.0.weight_h"]
