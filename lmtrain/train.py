@@ -210,7 +210,6 @@ class Trainer:
         self.eval_seconds = None  # duration of the last validation, to keep time for the final one
         self.session_tokens = 0   # tokens trained since this process started
         self.stopped_by_budget = False
-        self.budget_reported = False
 
     # -- checkpoints and log ------------------------------------------------
     def elapsed(self):
@@ -322,8 +321,10 @@ class Trainer:
                     self.stop_for_signal(signals.signum)
                 if finished:
                     self.end_epoch()
-            # The budget can also run out during an epoch's closing validation: say so here.
-            self.report_budget()
+            if self.stopped_by_budget:  # whether it ran out mid-epoch or during a closing validation
+                self.log("time_budget", budget_minutes=t.time_budget)
+                self.say(f"time budget of {t.time_budget:g} min reached at step {self.p.step}: "
+                         f"evaluating and saving")
             return self.final_test()
 
     def out_of_steps(self):
@@ -333,14 +334,6 @@ class Trainer:
         if self.t.time_budget is not None and not self.stopped_by_budget:
             self.stopped_by_budget = self.elapsed() >= self.training_seconds()
         return self.stopped_by_budget
-
-    def report_budget(self):
-        """Log, once, that the time budget ended training."""
-        if self.stopped_by_budget and not self.budget_reported:
-            self.budget_reported = True
-            self.log("time_budget", budget_minutes=self.t.time_budget)
-            self.say(f"time budget of {self.t.time_budget:g} min reached at step {self.p.step}: "
-                     f"evaluating and saving")
 
     def training_seconds(self):
         """Of the time budget, what training may use: the rest is kept for validation, test and saving."""
@@ -450,7 +443,6 @@ class Trainer:
         lr = self.schedule.at(p.step, self.progress())
         self.log("valid", split="valid", loss=v_loss, ppl=valid_ppl, lr=lr,
                  tokens_per_s=v_count / max(now - eval_start, 1e-9), tokens=v_count, train_ppl=train_ppl)
-        self.report_budget()
         if self.optimizer.observe_validation(v_loss):
             self.log("switch_to_averaging", lr=lr)
             self.say(f"validation stopped improving: averaging the weights from step {p.step} on (NT-ASGD)")

@@ -24,7 +24,7 @@ from lmtrain.backend import xp
 
 
 def times_wh_t(d, Wh, out):
-    """``d @ W_h^T`` (B, H), computed as ``(W_h @ d^T)^T`` into ``out`` (H, B).
+    """``d @ W_h^T`` (B, H), computed as ``(W_h @ d^T)^T`` into ``out`` (H, B); the result is a view of ``out``.
 
     BLAS runs this form about 8% faster than ``d @ W_h^T`` at (20 x 2600) x (2600 x 650),
     and W_h needs no transposed copy (1.4 ms per layer and window at that size).
@@ -142,7 +142,7 @@ class LSTMCell(Cell):
             if self.probe is not None:
                 self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
             dh_next = times_wh_t(dact[t], Wh, dhT)
-        return dact, dact, (dh_next.copy(), dc), {}
+        return dact, dact, (dh_next, dc), {}
 
 
 class GRUCell(Cell):
@@ -228,7 +228,7 @@ class RNNCell(Cell):
                 self.probe.append({"h": da[t].copy()})
             da[t] *= 1.0 - h[t + 1] * h[t + 1]
             dh_next = times_wh_t(da[t], Wh, dhT)
-        return da, da, (dh_next.copy(),), {}
+        return da, da, (dh_next,), {}
 
 
 CELLS = {"lstm": LSTMCell, "gru": GRUCell, "rnn": RNNCell}
