@@ -107,24 +107,9 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def torch_alone(path, steps, repeats, vocab_size, gen_tokens=50):
-    """PyTorch's figures with no lmtrain work in the process: a check that alternating does not slow it."""
-    cfg = load_config(path)
-    t = cfg.train
-    data = Bench(cfg, vocab_size, steps).trainer.train_data  # the same ids; building them runs no products
-    theirs = TorchBench(cfg, data, vocab_size, steps)
-    tokens = steps * t.bptt * t.batch_size
-    result = {"config": path}
-    for name, fn in (("train", theirs.train), ("eval", theirs.evaluate)):
-        fn()
-        result[name] = tokens / float(np.median([timed(fn) for _ in range(repeats)]))
-    fn = lambda: theirs.generate(gen_tokens)  # noqa: E731
-    fn()
-    result["generate_ms"] = 1000 * float(np.median([timed(fn) for _ in range(repeats)])) / gen_tokens
-    return result
-
-
-def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5):
+def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5, torch_only=False):
+    """Both, alternating; with ``torch_only``, PyTorch alone (no lmtrain work in the process), as a check
+    that alternating does not slow it."""
     cfg = load_config(path)
     ours = Bench(cfg, vocab_size, steps)
     theirs = TorchBench(cfg, ours.trainer.train_data, vocab_size, steps)
@@ -157,20 +142,26 @@ def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5):
              "generate": (ours_generate, lambda: theirs.generate(gen_tokens))}
     result = {"config": path, "threads": {"torch": torch.get_num_threads()}, "steps": steps, "repeats": repeats}
     for name, (mine, other) in pairs.items():
-        mine(), other()  # warm-up
+        if not torch_only:
+            mine()  # warm-up
+        other()
         a, b = [], []
         for _ in range(repeats):  # alternate, so drift hits both
-            time.sleep(pause)
-            a.append(timed(mine))
+            if not torch_only:
+                time.sleep(pause)
+                a.append(timed(mine))
             time.sleep(pause)
             b.append(timed(other))
-        a, b = float(np.median(a)), float(np.median(b))
-        if name == "generate":
-            result[name] = {"lmtrain_ms_per_token": 1000 * a / gen_tokens, "torch_ms_per_token": 1000 * b / gen_tokens,
-                            "speedup": b / a}
-        else:
-            result[name] = {"lmtrain_tokens_per_s": tokens / a, "torch_tokens_per_s": tokens / b, "speedup": b / a}
+        a, b = (float(np.median(a)) if a else None), float(np.median(b))
+        unit, figure = (("ms_per_token", lambda s: 1000 * s / gen_tokens) if name == "generate" else
+                        ("tokens_per_s", lambda s: tokens / s))
+        result[name] = {f"lmtrain_{unit}": None if a is None else figure(a), f"torch_{unit}": figure(b),
+                        "speedup": None if a is None else b / a}
     return result
+
+
+def _fmt(value, spec, suffix=""):
+    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 def main():
@@ -190,32 +181,23 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     os.chdir(ROOT)
-    if args.torch_only:
-        results = [torch_alone(c, args.steps, args.repeats, args.vocab_size) for c in args.configs]
-        if args.json:
-            print(json.dumps(results))
-            return
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, alone; medians of {args.repeats} "
-              f"repeats of {args.steps} windows")
-        for r in results:
-            print(f"{r['config']:<34} train {r['train']:>9,.0f} tokens/s   eval {r['eval']:>9,.0f} tokens/s   "
-                  f"generate {r['generate_ms']:.2f} ms/token")
-        return
-    results = [compare(c, args.steps, args.repeats, args.vocab_size, pause=args.pause) for c in args.configs]
+    results = [compare(c, args.steps, args.repeats, args.vocab_size, pause=args.pause, torch_only=args.torch_only)
+               for c in args.configs]
     if args.json:
         print(json.dumps(results))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}; "
-          f"medians of {args.repeats} alternating repeats of {args.steps} windows")
+          f"medians of {args.repeats} {'repeats of PyTorch alone' if args.torch_only else 'alternating repeats'} "
+          f"of {args.steps} windows")
     print(f"{'config':<34} {'':<9} {'lmtrain':>12} {'PyTorch':>12} {'lmtrain/PyTorch':>16}")
     for r in results:
-        for name, unit in (("train", "tokens/s"), ("eval", "tokens/s")):
+        for name in ("train", "eval"):
             row = r[name]
-            print(f"{r['config']:<34} {name:<9} {row['lmtrain_tokens_per_s']:>12,.0f} {row['torch_tokens_per_s']:>12,.0f} "
-                  f"{row['speedup']:>15.2f}x")
+            print(f"{r['config']:<34} {name:<9} {_fmt(row['lmtrain_tokens_per_s'], ',.0f'):>12} "
+                  f"{row['torch_tokens_per_s']:>12,.0f} {_fmt(row['speedup'], '.2f', 'x'):>16}")
         g = r["generate"]
-        print(f"{r['config']:<34} {'generate':<9} {g['lmtrain_ms_per_token']:>9.2f} ms {g['torch_ms_per_token']:>9.2f} ms "
-              f"{g['speedup']:>15.2f}x")
+        print(f"{r['config']:<34} {'generate':<9} {_fmt(g['lmtrain_ms_per_token'], '.2f', ' ms'):>12} "
+              f"{g['torch_ms_per_token']:>9.2f} ms {_fmt(g['speedup'], '.2f', 'x'):>16}")
 
 
 if __name__ == "__main__":
