@@ -9,7 +9,7 @@ PROMPT := tom was watching tv in his room . mary came into the room . mary said 
 help:
 	@echo "make quickstart   install into .venv, train on the built-in stories (~2 min), generate"
 	@echo "make test         install the dev extras into .venv and run the test suite"
-	@echo "make test-slow    the long checks too (full PTB runs; needs LMTRAIN_PTB_DIR or ../shared/data/ptb)"
+	@echo "make test-slow    the long checks too (full PTB runs; they find PTB through LMTRAIN_PTB_DIR)"
 	@echo "make clean        remove .venv and caches (runs/ is kept)"
 
 $(BIN)/python:

@@ -34,6 +34,7 @@ except ImportError:
 
 from lmtrain.bench import Bench  # noqa: E402
 from lmtrain.config import load_config  # noqa: E402
+from lmtrain.data.batching import get_batch  # noqa: E402
 
 DEFAULT_CONFIGS = ["configs/ptb-dlfs2.yaml", "configs/ptb-dlfs2-better.yaml"]
 
@@ -68,7 +69,7 @@ class TorchBench:
     def windows(self):
         T = self.cfg.train.bptt
         for k in range(self.steps):
-            yield self.data[k * T:(k + 1) * T], self.data[k * T + 1:(k + 1) * T + 1]
+            yield get_batch(self.data, k * T, T)
 
     def train(self):
         self.model.train()
@@ -113,33 +114,10 @@ def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5, torch_on
     cfg = load_config(path)
     ours = Bench(cfg, vocab_size, steps)
     theirs = TorchBench(cfg, ours.trainer.train_data, vocab_size, steps)
-    t = cfg.train
-    tokens = steps * t.bptt * t.batch_size
+    tokens = ours.tokens_per_pass()
 
-    def ours_train():
-        data = ours.trainer.train_data
-        for k in range(steps):
-            ours.trainer.train_step(data[k * t.bptt:(k + 1) * t.bptt], data[k * t.bptt + 1:(k + 1) * t.bptt + 1],
-                                    t.lr)
-
-    def ours_eval():
-        import lmtrain.backend as b
-        model, data = ours.model, ours.trainer.train_data
-        state = model.init_state(t.batch_size)
-        for k in range(steps):
-            logits, state = model.forward(b.xp.asarray(data[k * t.bptt:(k + 1) * t.bptt]), state)
-            model.loss(logits, b.xp.asarray(data[k * t.bptt + 1:(k + 1) * t.bptt + 1]))
-
-    def ours_generate():
-        from lmtrain.generate import _feed, pick
-        rng = np.random.default_rng(0)
-        state = ours.model.init_state(1)
-        logits, state = _feed(ours.model, [1], state)
-        for _ in range(gen_tokens):
-            logits, state = _feed(ours.model, [pick(logits, rng)], state)
-
-    pairs = {"train": (ours_train, theirs.train), "eval": (ours_eval, theirs.evaluate),
-             "generate": (ours_generate, lambda: theirs.generate(gen_tokens))}
+    pairs = {"train": (ours.train_pass, theirs.train), "eval": (ours.eval_pass, theirs.evaluate),
+             "generate": (lambda: ours.generate_pass(gen_tokens), lambda: theirs.generate(gen_tokens))}
     result = {"config": path, "threads": {"torch": torch.get_num_threads()}, "steps": steps, "repeats": repeats}
     for name, (mine, other) in pairs.items():
         if not torch_only:

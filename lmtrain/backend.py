@@ -34,6 +34,51 @@ NUM_THREADS = _default_threads()
 _pool = None
 
 
+def set_threads(n):
+    """Use ``n`` threads for BLAS products and for the element-wise passes split by ``parallel_rows``.
+
+    numpy has loaded OpenBLAS by now, so its count is set through OpenBLAS's
+    own call; the environment variables are set too, for processes this one
+    starts.
+    """
+    import os
+    global NUM_THREADS, _pool
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "LMTRAIN_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if _pool is not None and n != NUM_THREADS:
+        _pool.shutdown()
+        _pool = None
+    NUM_THREADS = n
+    _openblas_call("set_num_threads", n)
+
+
+def blas_threads():
+    """Threads OpenBLAS uses now (None where it cannot be asked)."""
+    return _openblas_call("get_num_threads")
+
+
+def _openblas_call(what, *args):
+    """Call openblas_<what> in the OpenBLAS that numpy loaded (its symbols carry a prefix and suffix in
+    numpy's wheels), found among the process's mapped libraries as threadpoolctl finds it; Linux only."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas_", "openblas_"):
+            for suffix in ("64_", ""):
+                fn = getattr(lib, prefix + what + suffix, None)
+                if fn is not None:
+                    return fn(*map(ctypes.c_int, args))
+    return None
+
+
 def parallel_rows(fn, n_rows, row_size):
     """Call ``fn(start, stop)`` on row ranges covering ``range(n_rows)``, in threads when worth it."""
     global _pool

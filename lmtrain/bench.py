@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from lmtrain.backend import xp
+from lmtrain.data.batching import get_batch
 from lmtrain.data.corpus import Corpus
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.generate import _feed, pick
@@ -112,45 +113,44 @@ class Bench:
         self.trainer = Trainer(cfg, self.tmp.name, self.corpus, quiet=True)
         self.model = self.trainer.model
 
-    def train_tokens_per_s(self, repeats=5):
-        """Training tokens per second through Trainer.train_step (forward, backward, clip, update)."""
+    def train_pass(self):
+        """``steps`` training windows through Trainer.train_step (forward, backward, clip, update)."""
         t, tr = self.cfg.train, self.trainer
-        data = tr.train_data
+        for k in range(self.steps):
+            tr.train_step(*get_batch(tr.train_data, k * t.bptt, t.bptt), t.lr)
 
-        def run():
-            for k in range(self.steps):
-                x, y = data[k * t.bptt:(k + 1) * t.bptt], data[k * t.bptt + 1:(k + 1) * t.bptt + 1]
-                tr.train_step(x, y, t.lr)
-        run()  # warm-up: buffers, BLAS threads
-        seconds = _median_time(run, repeats)
-        return self.steps * t.bptt * t.batch_size / seconds, seconds / self.steps
+    def eval_pass(self):
+        """The same windows, forward and loss only, state carried (what evaluation runs)."""
+        t, model = self.cfg.train, self.model
+        state = model.init_state(t.batch_size)
+        for k in range(self.steps):
+            x, y = get_batch(self.trainer.train_data, k * t.bptt, t.bptt)
+            logits, state = model.forward(xp.asarray(x), state, train=False)
+            model.loss(logits, xp.asarray(y))
+
+    def generate_pass(self, tokens=50, seed=0):
+        """Batch 1, one token at a time: forward, softmax, sampling (what `lmtrain generate` does)."""
+        model, rng = self.model, np.random.default_rng(seed)
+        state = model.init_state(1)
+        logits, state = _feed(model, [1], state)
+        for _ in range(tokens):
+            logits, state = _feed(model, [pick(logits, rng)], state)
+
+    def tokens_per_pass(self):
+        return self.steps * self.cfg.train.bptt * self.cfg.train.batch_size
+
+    def train_tokens_per_s(self, repeats=5):
+        self.train_pass()  # warm-up: buffers, BLAS threads
+        seconds = _median_time(self.train_pass, repeats)
+        return self.tokens_per_pass() / seconds, seconds / self.steps
 
     def eval_tokens_per_s(self, repeats=5):
-        """Forward and loss only, same window and batch as training."""
-        t, model = self.cfg.train, self.model
-        data = self.trainer.train_data
-
-        def run():
-            state = model.init_state(t.batch_size)
-            for k in range(self.steps):
-                x, y = data[k * t.bptt:(k + 1) * t.bptt], data[k * t.bptt + 1:(k + 1) * t.bptt + 1]
-                logits, state = model.forward(xp.asarray(x), state, train=False)
-                model.loss(logits, xp.asarray(y))
-        run()
-        return self.steps * t.bptt * t.batch_size / _median_time(run, repeats)
+        self.eval_pass()
+        return self.tokens_per_pass() / _median_time(self.eval_pass, repeats)
 
     def generate_ms_per_token(self, tokens=50, repeats=5):
-        """Batch 1, one token at a time: forward, softmax, sampling (what `lmtrain generate` does)."""
-        model, rng = self.model, np.random.default_rng(0)
-
-        def run():
-            state = model.init_state(1)
-            logits, state = _feed(model, [1], state)
-            for _ in range(tokens):
-                nxt = pick(logits, rng)
-                logits, state = _feed(model, [nxt], state)
-        run()
-        return 1000 * _median_time(run, repeats) / tokens
+        self.generate_pass(tokens)
+        return 1000 * _median_time(lambda: self.generate_pass(tokens), repeats) / tokens
 
     def limit_seconds(self):
         """Per window: the matrix products at their best measured rates, for training and for

@@ -8,6 +8,7 @@ import click
 
 from lmtrain import __version__
 from lmtrain.errors import LmtrainError
+from lmtrain.world import CollectiveError, current_world
 
 
 def _debug_requested(argv):
@@ -35,19 +36,33 @@ def cli(debug):
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary lines.")
 @debug_option
 def fit(config, overrides, run_dir, resume, overwrite, quiet, debug):
-    """Train the model CONFIG (a YAML file) describes."""
+    """Train the model CONFIG (a YAML file) describes.
+
+    Under an MPI launcher (mpiexec -n K lmtrain fit CONFIG) the K processes
+    train together, data-parallel: see docs/scaling.md.
+    """
     import shlex
 
     from lmtrain.config import load_config
-    from lmtrain.train import fit as run_fit
+    from lmtrain.world import get_world, supervise_rank, threads_per_rank
 
     if resume and overwrite:
         raise LmtrainError("--resume and --overwrite contradict each other; choose one")
-    cfg = load_config(config, overrides)
-    hint = " ".join(["lmtrain fit", shlex.quote(config), *(f"--set {shlex.quote(o)}" for o in overrides),
+    supervise_rank(lambda line: click.echo(line, err=True))
+    world = get_world()
+    cfg = world.on_every_rank(lambda: load_config(config, overrides))
+    if world.size > 1 or cfg.train.threads_per_rank:
+        from lmtrain.backend import set_threads
+        set_threads(threads_per_rank(world, cfg.train.threads_per_rank))
+    from lmtrain.train import fit as run_fit
+
+    launcher = "mpiexec -n {} ".format(world.size) if world.size > 1 else ""
+    hint = " ".join([f"{launcher}lmtrain fit", shlex.quote(config), *(f"--set {shlex.quote(o)}" for o in overrides),
                      *([f"--run-dir {shlex.quote(run_dir)}"] if run_dir else []), "--resume"])
     run_dir = run_dir or os.path.join(cfg.output.dir, cfg.output.name)
-    run_fit(cfg, run_dir, overwrite=overwrite, resume=resume, quiet=quiet, echo=click.echo, resume_hint=hint)
+    run_fit(cfg, run_dir, overwrite=overwrite, resume=resume, quiet=quiet, echo=click.echo, resume_hint=hint,
+            world=world)
+    world.barrier()  # no rank leaves while rank 0 still writes (a launcher may stop the job when one ends)
 
 
 @cli.command("eval")
@@ -176,7 +191,7 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
               help="With --init-only: probe a freshly initialised model of this config (repeatable).")
 @click.option("--init-only", is_flag=True, help="Probe models at initialisation, from --config.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a key of every --config, e.g. --set data.root=../shared/data/ptb.")
+              help="Override a key of every --config, e.g. --set data.root=data/ptb.")
 @click.option("--steps", type=click.IntRange(min=2), default=100, show_default=True,
               help="Largest k: how many steps back.")
 @click.option("--batches", type=click.IntRange(min=1), default=10, show_default=True,
@@ -310,11 +325,26 @@ def main(argv=None):
     except LmtrainError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
+        _fail(f"{err}", err.exit_code, collective=isinstance(err, CollectiveError))
     except Exception as err:  # a bug or an environment failure: still one line unless --debug
         if debug:
             raise
         first = str(err).splitlines()[0] if str(err) else ""
-        click.echo(f"error: {type(err).__name__}: {first} (run with --debug for the traceback)", err=True)
-        sys.exit(1)
+        _fail(f"{type(err).__name__}: {first} (run with --debug for the traceback)", 1)
+
+
+def _fail(message, code, collective=False):
+    """Print ``error: message`` and exit.  Among MPI ranks, an error every rank raised together is
+    printed once (by rank 0); one rank's own error is printed with its rank and ends the whole job,
+    since the other ranks would wait for it forever."""
+    world = current_world()
+    if world is None or world.size == 1:
+        click.echo(f"error: {message}", err=True)
+        sys.exit(code)
+    if collective:
+        if world.is_main:
+            click.echo(f"error: {message}", err=True)
+        world.barrier()  # as at a normal end: rank 0 has written and printed before any rank leaves
+        sys.exit(code)
+    click.echo(f"error: rank {world.rank}: {message}; stopping all {world.size} ranks", err=True)
+    world.abort(code)

@@ -145,6 +145,14 @@ class TrainConfig:
                                                          min=0.0, max=1.0, min_exclusive=True)
     dtype: str = option("float32", "floating-point type of parameters and activations",
                         choices=["float32", "float64"])
+    accumulate: int = option(1, "split each rank's streams into this many passes whose gradients are summed "
+                             "before the update (same update, less memory); batch_size must divide by "
+                             "ranks x accumulate", min=1)
+    threads_per_rank: typing.Optional[int] = option(None, "BLAS and element-wise threads of each process "
+                                                    "(null: the cores it may use divided by the ranks on its "
+                                                    "node; one process keeps the libraries' defaults)", min=1)
+    check_sync_every: typing.Optional[int] = option(None, "under MPI, check every this many steps that all "
+                                                    "ranks hold identical parameters (a debug check)", min=1)
 
 
 @dataclass
@@ -170,6 +178,7 @@ class Config:
 SAFE_TO_CHANGE_ON_RESUME = {
     "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
     "train.keep_last", "train.max_bad_steps", "train.bad_step_lr_factor", "train.time_budget",
+    "train.threads_per_rank", "train.check_sync_every",
     "data.root", "data.download", "data.url", "data.cache", "output.dir", "output.name",
 }
 

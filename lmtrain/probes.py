@@ -12,7 +12,7 @@ import numpy as np
 
 from lmtrain.backend import to_numpy, xp
 from lmtrain.data import synthetic
-from lmtrain.data.batching import eval_streams
+from lmtrain.data.batching import eval_streams, get_batch
 from lmtrain.errors import LmtrainError
 from lmtrain.generate import _feed
 
@@ -94,18 +94,18 @@ def gradflow(model, ids, steps=100, batches=10, batch_size=20, layer=-1):
     state.  k = 0 is the state after the last input, k = steps the state the
     window started from.
     """
-    inputs, targets, _ = eval_streams(ids, batch_size)
+    data, _ = eval_streams(ids, batch_size)
     T = steps
-    if len(inputs) < T:
+    if len(data) - 1 < T:
         raise LmtrainError(f"--steps {steps} needs windows of {T} tokens per stream, but the data gives "
-                           f"{len(inputs)} per stream over {batch_size} streams")
+                           f"{len(data) - 1} per stream over {batch_size} streams")
     cell = model.rnns[layer].cell
     sums, count = {}, 0
     state = model.init_state(batch_size)
     weights = np.zeros((T, batch_size), np.float32)
     weights[-1] = 1.0  # the loss of the last step only
-    for w in range(min(batches, len(inputs) // T)):
-        x, y = inputs[w * T:(w + 1) * T], targets[w * T:(w + 1) * T]
+    for w in range(min(batches, (len(data) - 1) // T)):
+        x, y = get_batch(data, w * T, T)
         start = [tuple(s.copy() for s in layer_state) for layer_state in state]
         logits, state = model.forward(xp.asarray(x), start, train=False)
         model.loss(logits, xp.asarray(y), xp.asarray(weights))

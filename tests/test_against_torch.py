@@ -5,8 +5,9 @@ import pytest
 from lmtrain.config import ModelConfig
 from lmtrain.nn.model import LanguageModel
 from lmtrain.optim import SGD, clip_scale, grad_norm
+from tests.conftest import optional
 
-torch = pytest.importorskip("torch")
+torch = optional("torch", "pip install torch==2.13.0 (the bench extra)")
 
 # lmtrain's gate blocks are f, i, o, g; PyTorch's are i, f, g, o.
 TORCH_ORDER = [1, 0, 3, 2]

@@ -5,7 +5,7 @@ import pytest
 
 from lmtrain.config import SyntheticConfig
 from lmtrain.data import synthetic
-from lmtrain.data.batching import batchify, eval_streams, num_windows, windows
+from lmtrain.data.batching import batchify, eval_streams, get_batch, window_starts
 from lmtrain.data.corpus import build_corpus, load_text_corpus, read_tokens, tokenize
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.errors import DataError
@@ -79,8 +79,8 @@ def test_batchify_and_windows_read_each_stream_in_order():
     ids = np.arange(23, dtype=np.int32)
     data = batchify(ids, 4)  # 5 rows, 3 tokens dropped
     assert data.shape == (5, 4) and list(data[:, 1]) == [5, 6, 7, 8, 9]
-    pairs = list(windows(data, 3))
-    assert len(pairs) == num_windows(5, 3) == 2
+    pairs = [get_batch(data, i, 3) for i in window_starts(data, 3)]
+    assert len(pairs) == 2
     assert pairs[1][0].shape == (1, 4)
     xs = np.concatenate([x for x, _ in pairs])
     ys = np.concatenate([y for _, y in pairs])
@@ -90,8 +90,9 @@ def test_batchify_and_windows_read_each_stream_in_order():
 @pytest.mark.parametrize("n,batch", [(2, 1), (10, 3), (101, 10), (5, 8)])
 def test_eval_streams_count_every_target_once(n, batch):
     ids = np.arange(n, dtype=np.int32) + 100
-    x, y, w = eval_streams(ids, batch)
-    assert w.sum() == n - 1
+    data, w = eval_streams(ids, batch)
+    x, y = get_batch(data, 0, len(data))
+    assert x.shape == y.shape == w.shape and w.sum() == n - 1
     pairs = sorted(zip(x[w > 0].tolist(), y[w > 0].tolist()))
     assert pairs == [(100 + i, 101 + i) for i in range(n - 1)]
 

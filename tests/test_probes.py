@@ -87,21 +87,21 @@ def test_recall_probe_refuses_a_ptb_model(tmp_path):
 def test_gradflow_at_the_window_start_matches_finite_differences():
     """k = steps is the window's initial state: its gradient norm equals a finite-difference estimate."""
     from lmtrain.config import from_dict
-    from lmtrain.data.batching import eval_streams
+    from lmtrain.data.batching import eval_streams, get_batch
     from tests.gradcheck import numerical_grad
     cfg = from_dict({"model": {"emb_size": 6, "hidden_size": 8}}).model
     model = LanguageModel(cfg, 20, seed=1, dtype="float64")
     ids = np.random.default_rng(0).integers(0, 20, size=400).astype(np.int32)
     norms = gradflow(model, ids, steps=9, batches=1, batch_size=4)
     assert set(norms) == {"h", "c"} and len(norms["h"]) == 10
-    x, y, _ = eval_streams(ids, 4)
+    x, y = get_batch(eval_streams(ids, 4)[0], 0, 9)
     w = np.zeros((9, 4))
     w[-1] = 1.0
     h0, c0 = model.init_state(4)[0]
 
     def loss():
-        logits, _ = model.forward(x[:9], [(h0, c0)])
-        return model.loss(logits, y[:9], w)
+        logits, _ = model.forward(x, [(h0, c0)])
+        return model.loss(logits, y, w)
 
     for name, s0 in (("h", h0), ("c", c0)):
         fd = numerical_grad(loss, s0, eps=1e-4)  # the gradient is ~1e-6: a larger step keeps rounding small

@@ -103,40 +103,76 @@ def test_interrupted_runs_resume_to_identical_losses(resumable, reference, tmp_p
     assert len(resumes) == len(done_signals)
 
 
+# Runs `lmtrain fit` with the checkpoint writer stopped once the Nth file is fully written to its temporary
+# name and before the rename: the parent learns it from "PAUSED" on stdout and kills the process there.
+PAUSE_BEFORE_RENAME = """
+import sys, time
+import lmtrain.checkpoint as checkpoint
+from lmtrain.cli import main
+write, calls = checkpoint._write_npz, [0]
+def paused(fh, arrays):
+    write(fh, arrays)
+    calls[0] += 1
+    if calls[0] == int(sys.argv[1]):
+        fh.flush()
+        print("PAUSED", flush=True)
+        time.sleep(600)
+checkpoint._write_npz = paused
+main(sys.argv[2:])
+"""
+
+
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(resumable, reference, tmp_path):
-    """Kill the process while a temporary checkpoint file exists; the old file loads and the run resumes exactly."""
+    """Killed between writing a checkpoint and renaming it: the old file loads and the run resumes exactly."""
     run = tmp_path / "killed"
     ckpt_dir = run / "checkpoints"
-    caught = False
-    for attempt in range(20):
-        proc = start(resumable, run, *(["--resume"] if attempt else []))
-        wait_for_lines(run, 20, proc)
-        while proc.poll() is None:
-            if glob.glob(str(ckpt_dir / ".*.tmp-*")):
-                proc.kill()
-                caught = True
-                break
-        proc.wait()
-        if caught:
-            break
-    assert caught, "never saw a checkpoint being written"
-    assert glob.glob(str(ckpt_dir / ".*.tmp-*")), "the kill landed after the rename"
+    # writes: last.npz at step 0, then last.npz at steps 9, 18, 27: stop inside the fourth
+    proc = subprocess.Popen([sys.executable, "-c", PAUSE_BEFORE_RENAME, "4", "fit", str(resumable), "--run-dir",
+                             str(run), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "PAUSED", proc.stderr.read()
+    assert len(glob.glob(str(ckpt_dir / ".last.npz.tmp-*"))) == 1
+    proc.kill()
+    proc.wait()
     before = load_checkpoint(ckpt_dir / "last.npz")  # the previous checkpoint is intact
+    assert before.meta["step"] == 18
     proc = start(resumable, run, "--resume")
     assert proc.wait() == 0, proc.stderr.read()
     assert not glob.glob(str(ckpt_dir / ".*.tmp-*"))  # leftovers cleaned on resume
-    assert before.meta["step"] > 0
     assert train_losses(run) == reference
 
 
-def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(resumable, tmp_path):
+# A model whose every step takes seconds, so a second Ctrl-C surely arrives inside the step the first
+# one asked to finish.
+SLOW_STEPS = """\
+data:
+  source: synthetic
+  synthetic: {train_stories: 2000, valid_stories: 20, test_stories: 20}
+model: {emb_size: 256, hidden_size: 1024}
+train: {batch_size: 32, bptt: 120, epochs: 1, log_every: 1, checkpoint_every: 1000}
+"""
+
+
+def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(tmp_path):
+    """The first Ctrl-C finishes the step and saves; a second one inside that step quits at once, saving nothing."""
+    cfg = tmp_path / "slow.yaml"
+    cfg.write_text(SLOW_STEPS)
     run = tmp_path / "twice"
-    proc = start(resumable, run)
-    wait_for_lines(run, 20, proc)
+    proc = start(cfg, run)
+    wait_for_lines(run, 1, proc)
     proc.send_signal(signal.SIGINT)
+    assert "SIGINT received" in proc.stdout.readline() + proc.stdout.readline()  # the handler ran
+    steps_logged = count_train_lines(run)
+    sent = time.time()
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
-    load_checkpoint(run / "checkpoints" / "last.npz")
+    quit_after = time.time() - sent
+    err = proc.stderr.read()
+    # a graceful stop would have finished the step, saved it and printed how to resume
+    assert "stopped by SIGINT" not in err and "--resume" not in err
+    assert count_train_lines(run) == steps_logged
+    first_step = json.loads(open(run / "metrics.jsonl").readline())["elapsed_s"]
+    assert quit_after < first_step / 2
+    assert load_checkpoint(run / "checkpoints" / "last.npz").meta["step"] == 0  # the one from the start
 
 
 def test_periodic_checkpoints_change_nothing(resumable, reference, tmp_path):

@@ -110,3 +110,26 @@ def test_reset_streams_zeroes_only_selected_columns():
     state = [(np.ones((3, 2)), np.ones((3, 2)))]
     reset_streams(state, np.array([False, True, False]))
     assert state[0][0][:, 0].tolist() == [1, 0, 1] and state[0][1][1].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_gradient_accumulation_makes_the_same_updates(tiny_config, tmp_path, optimizer):
+    """train.accumulate splits the streams into passes whose gradients are summed: the same update, in float64
+    the same losses to rounding, whatever the split (with state resets and clipping in play)."""
+    curves = []
+    for n in (1, 2, 4):
+        cfg = load_config(tiny_config, [f"train.accumulate={n}", "train.dtype=float64", f"train.optimizer={optimizer}",
+                                        "train.state_reset_prob=0.2", "train.clip_grad_norm=0.3", "train.lr=0.5"
+                                        if optimizer == "sgd" else "train.lr=0.01"])
+        fit(cfg, str(tmp_path / f"n{n}"), quiet=True)
+        events = [json.loads(l) for l in (tmp_path / f"n{n}" / "metrics.jsonl").read_text().splitlines()]
+        curves.append([(e["event"], e["step"], e["loss"]) for e in events if e["loss"] is not None])
+    for other in curves[1:]:
+        assert [c[:2] for c in other] == [c[:2] for c in curves[0]]
+        np.testing.assert_allclose([c[2] for c in other], [c[2] for c in curves[0]], rtol=1e-10)
+
+
+def test_accumulation_must_divide_the_streams(tiny_config, tmp_path):
+    from lmtrain.errors import LmtrainError
+    with pytest.raises(LmtrainError, match="train.batch_size 4 must divide by the 1 rank times train.accumulate 3"):
+        fit(load_config(tiny_config, ["train.accumulate=3"]), str(tmp_path / "run"), quiet=True)

@@ -1,15 +1,20 @@
-"""Laying a token stream out as parallel streams and walking it in BPTT windows.
+"""Laying a token stream out as parallel streams, and the one function that cuts windows from it.
 
 Training: the ids are cut into ``batch_size`` contiguous streams of equal
 length (the remainder, fewer than ``batch_size`` tokens, is dropped) and
-stacked as columns of a (L, B) array.  Window k covers rows
-[k*bptt, (k+1)*bptt]: inputs are its first rows, targets the same rows shifted
-by one, so each stream is read in order and its state carries from window to
-window.
+stacked as columns of a (L, B) array.  ``get_batch(data, i, T)`` is the window
+starting at row i: its inputs are rows [i, i+T) and its targets the same rows
+shifted by one, so each stream is read in order and its state carries from
+window to window.  Training, evaluation, the probes, `lmtrain bench` and the
+PyTorch comparison all cut their windows with it.
 
-Evaluation counts every target exactly once: the N-1 targets of a split are
-divided among the streams, the last stream is padded and the padding has
-weight 0.
+Evaluation counts every target exactly once: ``eval_streams`` lays the N-1
+targets of a split out over the streams, pads the last stream and gives the
+padding weight 0.
+
+Under data-parallel training each rank reads a contiguous block of the
+columns (``data[:, start:stop]``): the streams are the same whatever the
+number of ranks, only their owners change.
 """
 import numpy as np
 
@@ -20,29 +25,24 @@ def batchify(ids, batch_size):
     return np.ascontiguousarray(ids[:L * batch_size].reshape(batch_size, L).T)
 
 
-def num_windows(length, bptt):
-    """Windows over a (length, B) array: there are length-1 targets per stream."""
-    return -(-(length - 1) // bptt)
+def get_batch(data, i, bptt):
+    """(inputs, targets) of the window at row ``i``: up to ``bptt`` rows, fewer at the end of ``data``."""
+    T = min(bptt, len(data) - 1 - i)
+    return data[i:i + T], data[i + 1:i + 1 + T]
 
 
-def windows(data, bptt, start=0):
-    """Yield (inputs, targets), each (T, B), for windows ``start``, ``start+1``, ..."""
-    for k in range(start, num_windows(len(data), bptt)):
-        i = k * bptt
-        T = min(bptt, len(data) - 1 - i)
-        yield data[i:i + T], data[i + 1:i + 1 + T]
+def window_starts(data, bptt):
+    """Rows where the windows of a whole pass over ``data`` start."""
+    return range(0, len(data) - 1, bptt)
 
 
 def eval_streams(ids, batch_size):
-    """(inputs, targets, weights), each (L, B), covering every target of ``ids`` once."""
+    """(data, weights): ``data`` (L+1, B) in the layout of ``batchify``, whose L x B targets cover every
+    target of ``ids`` once; ``weights`` (L, B) is 1 for those and 0 for the padding after the last."""
     n_targets = len(ids) - 1
     L = -(-n_targets // batch_size)
     padded = np.zeros(L * batch_size + 1, dtype=ids.dtype)
     padded[:len(ids)] = ids
-    starts = np.arange(batch_size) * L
-    t = np.arange(L)[:, None]
-    pos = starts[None, :] + t
-    inputs = padded[pos]
-    targets = padded[pos + 1]
-    weights = (pos < n_targets).astype(np.float32)
-    return inputs, targets, weights
+    pos = np.arange(batch_size)[None, :] * L + np.arange(L + 1)[:, None]
+    weights = (pos[1:] <= n_targets).astype(np.float32)
+    return padded[pos], weights

@@ -154,9 +154,14 @@ class LanguageModel:
             target = self.params[name]
             target[...] = xp.asarray(value, dtype=target.dtype)
 
+    @property
+    def state_names(self):
+        """Names of a layer's state arrays: ("h", "c") for the LSTM, ("h",) for the GRU and the plain RNN."""
+        return CELLS[self.cfg.cell].state_names
+
     def init_state(self, batch_size):
         """Zero state per layer: (h, c) for the LSTM, (h,) for the GRU and the plain RNN."""
-        n = len(CELLS[self.cfg.cell].state_names)
+        n = len(self.state_names)
         return [tuple(xp.zeros((batch_size, H), self.dtype) for _ in range(n)) for H in self.sizes]
 
     def set_regularization(self, ar=0.0, tar=0.0):
