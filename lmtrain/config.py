@@ -36,6 +36,11 @@ class SyntheticConfig:
     test_stories: int = option(400, "stories in the test split", min=1)
     min_distance: int = option(0, "fewest distractor tokens between the remembered name and the question", min=0)
     max_distance: int = option(20, "most distractor tokens between the remembered name and the question", min=0)
+    train_distances: str = option("uniform", "how the training split draws each story's distance from "
+                                  "[min_distance, max_distance]: uniform, or log-uniform (as many stories at "
+                                  "1-2 as at 20-40: the short ones teach a model to keep the name, the long "
+                                  "ones to keep it long); validation and test always draw uniformly",
+                                  choices=["uniform", "log-uniform"])
 
 
 @dataclass

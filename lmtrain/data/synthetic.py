@@ -6,7 +6,8 @@
 The word after "said hi to" is always the *other* person of the story, named
 in its first sentence.  Between the second sentence and the question come
 distractor sentences (no names) whose total length is exactly the story's
-distance, drawn from [min_distance, max_distance].  One story per line, so
+distance, drawn from [min_distance, max_distance] (uniformly, or for the
+training split log-uniformly).  One story per line, so
 stories are separated by <eos>.  Everything is generated from a seed by this
 module: the same settings always give the same corpus.
 """
@@ -94,14 +95,24 @@ def story(rng, distance, names=NAMES):
 SPLIT_STREAMS = {"train": 0, "valid": 1, "test": 2, "probe": 3}
 
 
+def draw_distance(rng, lo, hi, log_uniform=False):
+    """A distance in [lo, hi]: uniform, or log-uniform (log(d + 1) uniform), which draws short ones as often
+    as long ones."""
+    if log_uniform:
+        return int(np.exp(rng.uniform(np.log(lo + 1), np.log(hi + 2)))) - 1
+    return int(rng.integers(lo, hi + 1))
+
+
 def generate_lines(cfg, split, n=None, distance=None):
     """Stories of one split as text lines.  ``cfg`` is the data.synthetic section."""
     rng = np.random.default_rng([cfg.seed, SPLIT_STREAMS[split]])
     n = n if n is not None else getattr(cfg, f"{split}_stories")
     names = name_pool(cfg.num_names)
+    log_uniform = split == "train" and cfg.train_distances == "log-uniform"
     lines = []
     for _ in range(n):
-        d = distance if distance is not None else int(rng.integers(cfg.min_distance, cfg.max_distance + 1))
+        d = distance if distance is not None else draw_distance(rng, cfg.min_distance, cfg.max_distance,
+                                                                 log_uniform)
         tokens, _ = story(rng, d, names)
         lines.append(" ".join(tokens))
     return lines
