@@ -6,6 +6,12 @@ if each ran at the best rate this machine's BLAS reaches for that shape,
 measured in the same process: products of one time step at batch 20 run far
 below the rate of whole-window products, so each shape gets its own rate.
 Every figure is a median over repeats after a warm-up.
+
+Under ``mpiexec -n K`` every rank trains its share of the streams, as in
+`lmtrain fit`: training and evaluation rates count the whole batch, a timing
+is the slowest rank's, and the limit is that of one rank's products.  The
+report adds the time of one Allreduce of the gradient buffer, the
+communication in each step.
 """
 import math
 import os
@@ -23,6 +29,7 @@ from lmtrain.generate import _feed, pick
 from lmtrain.nn.cells import CELLS
 from lmtrain.nn.model import layer_sizes
 from lmtrain.train import Trainer
+from lmtrain.world import World
 
 
 def training_products(model_cfg, V, B, T, backward=True):
@@ -54,13 +61,15 @@ def flops(products):
     return sum(2 * m * k * n * count for _, m, k, n, count in products)
 
 
-def _median_time(fn, repeats, number=1):
+def _median_time(fn, repeats, number=1, world=World()):
+    """Median over repeats of the slowest rank's time (every rank starts each repeat together)."""
     times = []
     for _ in range(repeats):
+        world.barrier()
         start = time.perf_counter()
         for _ in range(number):
             fn()
-        times.append((time.perf_counter() - start) / number)
+        times.append(world.max([(time.perf_counter() - start) / number])[0])
     return float(np.median(times))
 
 
@@ -104,14 +113,15 @@ def peak_rss_mb():
 class Bench:
     """The config's model on synthetic ids; each method returns one median timing."""
 
-    def __init__(self, cfg, vocab_size=10000, steps=10):
-        self.cfg, self.V, self.steps = cfg, vocab_size, steps
+    def __init__(self, cfg, vocab_size=10000, steps=10, world=World()):
+        self.cfg, self.V, self.steps, self.world = cfg, vocab_size, steps, world
         t = cfg.train
         n_tokens = t.batch_size * (t.bptt * (steps + 2) + 2)
         self.corpus = synthetic_corpus(vocab_size, n_tokens)
         self.tmp = tempfile.TemporaryDirectory()
-        self.trainer = Trainer(cfg, self.tmp.name, self.corpus, quiet=True)
+        self.trainer = Trainer(cfg, self.tmp.name, self.corpus, world=world, quiet=True)
         self.model = self.trainer.model
+        self.local_batch = self.trainer.hi - self.trainer.lo
 
     def train_pass(self):
         """``steps`` training windows through Trainer.train_step (forward, backward, clip, update)."""
@@ -122,7 +132,7 @@ class Bench:
     def eval_pass(self):
         """The same windows, forward and loss only, state carried (what evaluation runs)."""
         t, model = self.cfg.train, self.model
-        state = model.init_state(t.batch_size)
+        state = model.init_state(self.local_batch)
         for k in range(self.steps):
             x, y = get_batch(self.trainer.train_data, k * t.bptt, t.bptt)
             logits, state = model.forward(xp.asarray(x), state, train=False)
@@ -141,12 +151,18 @@ class Bench:
 
     def train_tokens_per_s(self, repeats=5):
         self.train_pass()  # warm-up: buffers, BLAS threads
-        seconds = _median_time(self.train_pass, repeats)
+        seconds = _median_time(self.train_pass, repeats, world=self.world)
         return self.tokens_per_pass() / seconds, seconds / self.steps
 
     def eval_tokens_per_s(self, repeats=5):
         self.eval_pass()
-        return self.tokens_per_pass() / _median_time(self.eval_pass, repeats)
+        return self.tokens_per_pass() / _median_time(self.eval_pass, repeats, world=self.world)
+
+    def allreduce_seconds(self, repeats=5):
+        """One Allreduce of a buffer the size of the gradients (what every training step sends)."""
+        buf = self.model.store.grad.copy()
+        self.world.allreduce(buf)
+        return _median_time(lambda: self.world.allreduce(buf), repeats, number=3, world=self.world)
 
     def generate_ms_per_token(self, tokens=50, repeats=5):
         self.generate_pass(tokens)
@@ -155,9 +171,9 @@ class Bench:
     def limit_seconds(self):
         """Per window: the matrix products at their best measured rates, for training and for
         evaluation (forward only).  Returns (training s, evaluation s, training FLOPs, rows)."""
-        t = self.cfg.train
-        products = training_products(self.cfg.model, self.V, t.batch_size, t.bptt)
-        forward = training_products(self.cfg.model, self.V, t.batch_size, t.bptt, backward=False)
+        t, B = self.cfg.train, self.local_batch
+        products = training_products(self.cfg.model, self.V, B, t.bptt)
+        forward = training_products(self.cfg.model, self.V, B, t.bptt, backward=False)
         seconds = {(m, k, n): best_product_time(m, k, n, self.model.dtype) for _, m, k, n, _ in products}
         total = lambda ps: sum(seconds[(m, k, n)] * count for _, m, k, n, count in ps)  # noqa: E731
         rows = [{"product": name, "shape": [m, k, n], "count": count,
@@ -165,29 +181,33 @@ class Bench:
         return total(products), total(forward), flops(products), rows
 
 
-def run_bench(cfg, steps=10, repeats=5, vocab_size=10000):
-    b = Bench(cfg, vocab_size, steps)
+def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
+    b = Bench(cfg, vocab_size, steps, world)
     train_tps, step_s = b.train_tokens_per_s(repeats)
     eval_tps = b.eval_tokens_per_s(repeats)
+    allreduce_s = b.allreduce_seconds(repeats)
     gen_ms = b.generate_ms_per_token(repeats=repeats)
     limit_s, eval_limit_s, step_flops, products = b.limit_seconds()
-    t = cfg.train
+    t, B = cfg.train, b.local_batch
     return {
         "config": {"emb_size": cfg.model.emb_size, "hidden_size": cfg.model.hidden_size,
                    "num_layers": cfg.model.num_layers, "dropout": cfg.model.dropout,
                    "tie_weights": cfg.model.tie_weights, "vocab_size": vocab_size,
                    "batch_size": t.batch_size, "bptt": t.bptt, "optimizer": t.optimizer, "dtype": t.dtype},
+        "ranks": world.size,
         "threads": {"blas": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
                     "blas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default"),
                     "elementwise": __import__("lmtrain.backend", fromlist=["NUM_THREADS"]).NUM_THREADS},
         "train_tokens_per_s": train_tps,
         "train_step_ms": 1000 * step_s,
-        "train_gflop_s": step_flops / step_s / 1e9,
-        "flops_per_token": step_flops / (t.batch_size * t.bptt),
+        "train_gflop_s": world.size * step_flops / step_s / 1e9,
+        "flops_per_token": step_flops / (B * t.bptt),
         "limit_step_ms": 1000 * limit_s,
         "percent_of_limit": 100 * limit_s / step_s,
+        "gradient_mb": b.model.store.grad.nbytes / 1e6,
+        "allreduce_ms": 1000 * allreduce_s,
         "eval_tokens_per_s": eval_tps,
-        "eval_limit_tokens_per_s": t.batch_size * t.bptt / eval_limit_s,
+        "eval_limit_tokens_per_s": world.size * B * t.bptt / eval_limit_s,
         "generate_ms_per_token": gen_ms,
         "peak_rss_mb": peak_rss_mb(),
         "products": products,
@@ -202,10 +222,13 @@ def format_report(r):
         f"{c['optimizer']}, {c['dtype']}",
         f"training    {r['train_tokens_per_s']:>10,.0f} tokens/s   {r['train_step_ms']:.1f} ms per window, "
         f"{r['train_gflop_s']:.0f} GFLOP/s ({r['flops_per_token'] / 1e6:.1f} MFLOP per token)",
-        f"limit       {r['limit_step_ms']:>10.1f} ms per window at the best measured rate of each product: "
+        f"limit       {r['limit_step_ms']:>10.1f} ms per window at the best measured rate of each "
+        f"{'rank' + chr(39) + 's ' if r['ranks'] > 1 else ''}product: "
         f"{r['percent_of_limit']:.0f}% of the limit reached",
         f"evaluation  {r['eval_tokens_per_s']:>10,.0f} tokens/s   limit {r['eval_limit_tokens_per_s']:,.0f} tokens/s "
         f"(its forward products at their best measured rates)",
+        *([f"ranks       {r['ranks']:>10}   {c['batch_size'] // r['ranks']} streams each; one Allreduce of the "
+           f"{r['gradient_mb']:.1f} MB gradient buffer takes {r['allreduce_ms']:.1f} ms"] if r["ranks"] > 1 else []),
         f"generation  {r['generate_ms_per_token']:>10.2f} ms per token (batch 1)",
         f"peak RSS    {r['peak_rss_mb']:>10.0f} MB",
         "products of one training window (best rate measured for each shape):",

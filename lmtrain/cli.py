@@ -7,6 +7,7 @@ import sys
 import click
 
 from lmtrain import __version__
+from lmtrain.config import load_config
 from lmtrain.errors import LmtrainError
 from lmtrain.world import CollectiveError, current_world
 
@@ -23,6 +24,21 @@ debug_option = click.option("--debug", is_flag=True, help="Show the full traceba
 @debug_option
 def cli(debug):
     """Train, evaluate and sample word-level LSTM language models in numpy."""
+
+
+def _start_world():
+    """This process's place among the ranks of an MPI job (a world of one without a launcher)."""
+    from lmtrain.world import get_world, supervise_rank
+    supervise_rank(lambda line: click.echo(line, err=True))
+    return get_world()
+
+
+def _set_threads(world, cfg):
+    """train.threads_per_rank, or under MPI the cores shared among the ranks of each node."""
+    if world.size > 1 or cfg.train.threads_per_rank:
+        from lmtrain.backend import set_threads
+        from lmtrain.world import threads_per_rank
+        set_threads(threads_per_rank(world, cfg.train.threads_per_rank))
 
 
 @cli.command()
@@ -43,17 +59,11 @@ def fit(config, overrides, run_dir, resume, overwrite, quiet, debug):
     """
     import shlex
 
-    from lmtrain.config import load_config
-    from lmtrain.world import get_world, supervise_rank, threads_per_rank
-
     if resume and overwrite:
         raise LmtrainError("--resume and --overwrite contradict each other; choose one")
-    supervise_rank(lambda line: click.echo(line, err=True))
-    world = get_world()
+    world = _start_world()
     cfg = world.on_every_rank(lambda: load_config(config, overrides))
-    if world.size > 1 or cfg.train.threads_per_rank:
-        from lmtrain.backend import set_threads
-        set_threads(threads_per_rank(world, cfg.train.threads_per_rank))
+    _set_threads(world, cfg)
     from lmtrain.train import fit as run_fit
 
     launcher = "mpiexec -n {} ".format(world.size) if world.size > 1 else ""
@@ -113,12 +123,17 @@ def eval_cmd(ckpt, split, text_file, batch_size, as_json, debug):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @debug_option
 def bench(config, overrides, steps, repeats, vocab_size, as_json, debug):
-    """Time training, evaluation and generation of CONFIG's model on this machine."""
+    """Time training, evaluation and generation of CONFIG's model on this machine (under mpiexec: with
+    every rank training its share of the batch, and the Allreduce of the gradients timed too)."""
+    world = _start_world()
+    cfg = world.on_every_rank(lambda: load_config(config, overrides))
+    _set_threads(world, cfg)
     from lmtrain.bench import format_report, run_bench
-    from lmtrain.config import load_config
 
-    report = run_bench(load_config(config, overrides), steps=steps, repeats=repeats, vocab_size=vocab_size)
-    click.echo(json.dumps(report) if as_json else format_report(report))
+    report = run_bench(cfg, steps=steps, repeats=repeats, vocab_size=vocab_size, world=world)
+    if world.is_main:
+        click.echo(json.dumps(report) if as_json else format_report(report))
+    world.barrier()
 
 
 def _distances(text):
@@ -131,9 +146,27 @@ def _distances(text):
     return values
 
 
-def _label(cfg, path, taken):
-    label = f"{cfg.model.cell} ({cfg.output.name or os.path.basename(path)})"
-    return label if label not in taken else f"{label} [{path}]"
+def _labels(models):
+    """A label for each (config, path): the cell and run name, with the seed where runs share a name."""
+    from collections import Counter
+    base = [f"{cfg.model.cell} ({cfg.output.name or os.path.basename(path)}" for cfg, path in models]
+    labels = [f"{b}, seed {cfg.seed})" if base.count(b) > 1 else f"{b})" for b, (cfg, _) in zip(base, models)]
+    twice = Counter(labels)
+    return [f"{label} [{path}]" if twice[label] > 1 else label for label, (_, path) in zip(labels, models)]
+
+
+def _seed_summary(results, configs, value):
+    """{group label: {"members": [...], "min": [...], "median": [...], "max": [...]}} over the models that
+    differ only in their seed (groups of two or more); ``value(rows)`` gives the numbers of one model."""
+    from lmtrain.probes import seed_groups
+    import numpy as np
+    out = {}
+    for name, members in seed_groups(configs).items():
+        if len(members) > 1:
+            values = np.array([value(results[m]) for m in members])
+            out[name] = {"members": members, "min": values.min(axis=0).tolist(),
+                         "median": np.median(values, axis=0).tolist(), "max": values.max(axis=0).tolist()}
+    return out
 
 
 def _say_plot(written, path):
@@ -165,22 +198,28 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
     from lmtrain.probes import recall
 
     distances = _distances(distances)
-    results = {}
-    for path in ckpts:
-        model, vocab, cfg = model_from_checkpoint(load_checkpoint(path))
-        results[_label(cfg, path, results)] = recall(model, vocab, cfg, distances, stories, mode)
+    models = [model_from_checkpoint(load_checkpoint(path)) for path in ckpts]
+    results, configs = {}, {}
+    for label, (model, vocab, cfg) in zip(_labels([(m[2], p) for m, p in zip(models, ckpts)]), models):
+        results[label], configs[label] = recall(model, vocab, cfg, distances, stories, mode), cfg
+    accuracy = lambda rows: [r["accuracy"] for r in rows]  # noqa: E731
+    seeds = _seed_summary(results, configs, accuracy)
     chance = next(iter(results.values()))[0]["chance"]
     if as_json:
-        click.echo(json.dumps({"distances": distances, "models": {k: {"ckpt": p, "accuracy": [r["accuracy"] for r in v]}
+        click.echo(json.dumps({"distances": distances, "models": {k: {"ckpt": p, "accuracy": accuracy(v)}
                                                                   for (k, v), p in zip(results.items(), ckpts)},
-                               "stories": stories, "mode": mode, "chance": chance}))
+                               "seeds": seeds, "stories": stories, "mode": mode, "chance": chance}))
     else:
-        width = max(len(k) for k in results)
+        rows = [(label, accuracy(v)) for label, v in results.items()]
+        for name, g in seeds.items():
+            rows += [(f"{name}: min", g["min"]), (f"{name}: median", g["median"])]
+        width = max(len(label) for label, _ in rows)
         click.echo(f"{'distance':>{width}} " + " ".join(f"{d:>7}" for d in distances))
-        for label, rows in results.items():
-            click.echo(f"{label:>{width}} " + " ".join(f"{r['accuracy']:>7.3f}" for r in rows))
-        click.echo(f"{stories} held-out stories per distance, read in {mode} mode; chance {chance:.3f}")
-    written = plot_recall(results, plot_path)
+        for label, values in rows:
+            click.echo(f"{label:>{width}} " + " ".join(f"{v:>7.3f}" for v in values))
+        click.echo(f"{stories} held-out stories per distance, read in {mode} mode; chance {chance:.3f}"
+                   + ("; min and median over the seeds of each model" if seeds else ""))
+    written = plot_recall(results, plot_path, seeds)
     if not as_json:
         _say_plot(written, plot_path)
 
@@ -192,6 +231,7 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
 @click.option("--init-only", is_flag=True, help="Probe models at initialisation, from --config.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a key of every --config, e.g. --set data.root=data/ptb.")
+@click.option("--seeds", help="With --init-only: probe each --config at each of these seeds, e.g. 0,1,2.")
 @click.option("--steps", type=click.IntRange(min=2), default=100, show_default=True,
               help="Largest k: how many steps back.")
 @click.option("--batches", type=click.IntRange(min=1), default=10, show_default=True,
@@ -201,10 +241,9 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
 @click.option("--plot", "plot_path", default="gradflow.png", show_default=True, help="PNG to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @debug_option
-def probe_gradflow(ckpts, configs, init_only, overrides, steps, batches, split, plot_path, as_json, debug):
+def probe_gradflow(ckpts, configs, init_only, overrides, seeds, steps, batches, split, plot_path, as_json, debug):
     """Gradient norm at the state k steps before a loss, for k = 0..steps, and its per-step decay."""
     from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
-    from lmtrain.config import load_config
     from lmtrain.data.sources import load_corpus
     from lmtrain.nn.model import LanguageModel
     from lmtrain.plots import plot_gradflow
@@ -214,34 +253,45 @@ def probe_gradflow(ckpts, configs, init_only, overrides, steps, batches, split, 
         raise LmtrainError("--init-only probes fresh models: give --config CONFIG (and no --ckpt)")
     if not init_only and (configs or not ckpts):
         raise LmtrainError("give --ckpt PATH, or --init-only with --config CONFIG")
+    if seeds and not init_only:
+        raise LmtrainError("--seeds sets the seeds of fresh models (--init-only); a checkpoint has its own")
     quiet = lambda *a, **k: None  # noqa: E731
     models = []
     for path in ckpts:
         model, vocab, cfg = model_from_checkpoint(load_checkpoint(path), dtype="float64")
         models.append((path, model, cfg, load_corpus(cfg.data, log=quiet)))
     for path in configs:
-        cfg = load_config(path, overrides)
-        corpus = load_corpus(cfg.data, log=quiet)
-        models.append((path, LanguageModel(cfg.model, len(corpus.vocab), seed=cfg.seed, dtype="float64"), cfg,
-                       corpus))
-    results, rates = {}, {}
-    for path, model, cfg, corpus in models:
-        label = _label(cfg, path, results) + (" at init" if init_only else "")
-        norms = gradflow(model, corpus.split(split), steps=steps, batches=batches)
-        results[label] = norms
-        rates[label] = {state: decay_rate(v) for state, v in norms.items()}
+        for seed in _distances(seeds) if seeds else [None]:
+            cfg = load_config(path, [*overrides, *([f"seed={seed}"] if seed is not None else [])])
+            corpus = load_corpus(cfg.data, log=quiet)
+            models.append((path, LanguageModel(cfg.model, len(corpus.vocab), seed=cfg.seed, dtype="float64"), cfg,
+                           corpus))
+    results, rates, cfgs = {}, {}, {}
+    for label, (path, model, cfg, corpus) in zip(_labels([(m[2], m[0]) for m in models]), models):
+        results[label] = gradflow(model, corpus.split(split), steps=steps, batches=batches)
+        rates[label], cfgs[label] = {state: decay_rate(v) for state, v in results[label].items()}, cfg
+    spread = _seed_summary(rates, cfgs, lambda r: list(r.values()))
+    when = "at initialisation" if init_only else "trained"
     if as_json:
-        click.echo(json.dumps({"steps": list(range(steps + 1)), "split": split, "batches": batches,
+        click.echo(json.dumps({"steps": list(range(steps + 1)), "split": split, "batches": batches, "when": when,
                                "models": {k: {"norms": {s: list(map(float, v)) for s, v in n.items()},
-                                              "decay_per_step": rates[k]} for k, n in results.items()}}))
+                                              "decay_per_step": rates[k]} for k, n in results.items()},
+                               "seeds": {name: dict(g, states=list(rates[g["members"][0]]))
+                                         for name, g in spread.items()}}))
     else:
         columns = [(label, state) for label, norms in results.items() for state in norms]
+        click.echo(f"mean gradient norm k steps before the loss, models {when}")
         click.echo("k      " + "  ".join(f"{(lab.split(' ')[0] + ' ' + st):>12}" for lab, st in columns))
         for k in sorted(set(list(range(0, min(10, steps + 1))) + list(range(10, steps + 1, 10)) + [steps])):
             click.echo(f"{k:<6} " + "  ".join(f"{results[lab][st][k]:>12.3e}" for lab, st in columns))
         for label, r in rates.items():
             click.echo(f"{label}: per-step log-decay " + ", ".join(f"d/d{s} {v:+.4f}" for s, v in r.items()))
-    written = plot_gradflow(results, plot_path)
+        for name, g in spread.items():
+            states = list(rates[g["members"][0]])
+            click.echo(f"{name}: per-step log-decay, median (range) " + ", ".join(
+                f"d/d{s} {g['median'][i]:+.4f} ({g['min'][i]:+.4f} .. {g['max'][i]:+.4f})"
+                for i, s in enumerate(states)))
+    written = plot_gradflow(results, plot_path, title=f"models {when}")
     if not as_json:
         _say_plot(written, plot_path)
 

@@ -74,14 +74,21 @@ def plot_runs(run_dirs, out):
     return out
 
 
-def plot_recall(results, out):
-    """Accuracy against distance, one line per model; ``results``: label -> rows of probes.recall."""
+def plot_recall(results, out, seeds=None):
+    """Accuracy against distance; ``results``: label -> rows of probes.recall.  One line per model, except
+    for the models of a group in ``seeds`` (see the CLI): their median, with the range over seeds shaded."""
     plt = _pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    distances = [r["distance"] for r in next(iter(results.values()))]
+    grouped = {m for g in (seeds or {}).values() for m in g["members"]}
     for label, rows in results.items():
-        ax.plot([r["distance"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+        if label not in grouped:
+            ax.plot(distances, [r["accuracy"] for r in rows], marker="o", label=label)
+    for name, g in (seeds or {}).items():
+        line, = ax.plot(distances, g["median"], marker="o", label=f"{name}: median, range shaded")
+        ax.fill_between(distances, g["min"], g["max"], color=line.get_color(), alpha=0.2)
     chance = next(iter(results.values()))[0]["chance"]
     ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance ({chance:.2f})")
     ax.set_xlabel("distance (distractor tokens between the name and the question)")
@@ -95,7 +102,7 @@ def plot_recall(results, out):
     return out
 
 
-def plot_gradflow(results, out):
+def plot_gradflow(results, out, title=None):
     """Gradient norm against k on a log scale; ``results``: label -> {"h": norms, "c": norms}."""
     plt = _pyplot()
     if plt is None:
@@ -107,6 +114,8 @@ def plot_gradflow(results, out):
     ax.set_yscale("log")
     ax.set_xlabel("k: steps before the loss")
     ax.set_ylabel("mean gradient norm")
+    if title:
+        ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -8,6 +8,8 @@ gradflow: for a loss at the last step of a window, the norm of its gradient
     earlier, averaged over windows of real data, and the fitted per-step
     log-decay rate: the slope of log(norm) against k.
 """
+import json
+
 import numpy as np
 
 from lmtrain.backend import to_numpy, xp
@@ -83,6 +85,20 @@ def recall(model, vocab, cfg, distances, n=200, mode="stream"):
         rows.append({"distance": d, "accuracy": hits / n, "stories": n, "mode": mode,
                      "chance": 1.0 / (synth.num_names - 1)})
     return rows
+
+
+def seed_groups(configs):
+    """{group name: [labels]} for ``configs`` (label -> Config): models whose configs differ only in the
+    seed and the run's name form one group, named after the cell and the first run."""
+    groups = {}
+    for label, cfg in configs.items():
+        d = cfg.to_dict()
+        del d["seed"], d["output"]
+        key = json.dumps(d, sort_keys=True)
+        if key not in groups:
+            groups[key] = (f"{cfg.model.cell} ({cfg.output.name})", [])
+        groups[key][1].append(label)
+    return {f"{name}, {len(members)} seeds": members for name, members in groups.values()}
 
 
 def gradflow(model, ids, steps=100, batches=10, batch_size=20, layer=-1):

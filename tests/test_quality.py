@@ -1,7 +1,8 @@
 """Quality claims, each from a run made for it.
 
-The quickstart check runs by default (about two minutes); the PTB presets take
-from five minutes to an hour each and are marked slow (`make test-slow`).
+The quickstart check runs by default (about two minutes, one seed); the
+quickstart's other seeds, the recall preset (about 9 minutes a seed) and the
+PTB presets (five minutes to an hour each) are marked slow (`make test-slow`).
 """
 import json
 
@@ -12,18 +13,19 @@ from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
 from lmtrain.config import load_config
 from lmtrain.data import synthetic
 from lmtrain.generate import generate
+from lmtrain.probes import recall
 from lmtrain.train import fit
 from tests.conftest import ROOT
 
 EXAMPLE = "tom was watching tv in his room . mary came into the room . mary said hi to"
 
 
-def test_quickstart_remembers_the_other_name(tmp_path):
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+def quickstart_checks(tmp_path, seed):
+    """The quickstart with ``seed``: (the greedy answer to the README's prompt, recall on held-out stories)."""
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"seed={seed}"])
     fit(cfg, str(tmp_path / "run"), quiet=True)
     model, vocab, cfg = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoints" / "best.npz"))
     out = generate(model, vocab, EXAMPLE.replace("mary said", "Mary said"), max_tokens=1, greedy=True, show_top=3)
-    assert out["continuation"] == ["tom"]
 
     # held-out stories: a stream the training split never used, minus any story it happens to contain
     train = set(synthetic.generate_lines(cfg.data.synthetic, "train"))
@@ -37,7 +39,29 @@ def test_quickstart_remembers_the_other_name(tmp_path):
         prompt = " ".join(tokens[:answer])
         hits += generate(model, vocab, prompt, max_tokens=1, greedy=True)["continuation"] == [tokens[answer]]
         total += 1
-    assert hits / total >= 0.95
+    return out["continuation"], hits / total
+
+
+def test_quickstart_remembers_the_other_name(tmp_path):
+    answer, recall = quickstart_checks(tmp_path, seed=1)  # the preset's seed
+    assert answer == ["tom"] and recall >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2, 3, 4, 5])
+def test_quickstart_remembers_the_other_name_with_other_seeds(tmp_path, seed):
+    answer, recall = quickstart_checks(tmp_path, seed)
+    assert answer == ["tom"] and recall >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_recall_lstm_keeps_the_name_across_40_distractor_tokens(tmp_path, seed):
+    """configs/recall-lstm.yaml (6,000 steps, about 9 minutes): at distance 40, the right name first on 95% of
+    held-out stories, read as in training."""
+    fit(load_config(ROOT / "configs" / "recall-lstm.yaml", [f"seed={seed}"]), str(tmp_path / "run"), quiet=True)
+    model, vocab, cfg = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoints" / "best.npz"))
+    assert recall(model, vocab, cfg, [40], n=200)[0]["accuracy"] >= 0.95
 
 
 def ptb_run(ptb, tmp_path, preset):
