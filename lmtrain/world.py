@@ -116,10 +116,9 @@ class MPIWorld(World):
     def __init__(self, comm, MPI):
         self.comm, self.MPI = comm, MPI
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_size = node.Get_size()
-        self.hosts = len(set(comm.allgather(MPI.Get_processor_name())))
-        node.Free()
+        # ranks per host by name: MPI's shared-memory split says 1 when local transport is off
+        hosts = comm.allgather(MPI.Get_processor_name())
+        self.local_size, self.hosts = hosts.count(hosts[self.rank]), len(set(hosts))
 
     def allreduce(self, buf):
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)

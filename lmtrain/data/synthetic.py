@@ -95,10 +95,12 @@ def story(rng, distance, names=NAMES):
 SPLIT_STREAMS = {"train": 0, "valid": 1, "test": 2, "probe": 3}
 
 
-def draw_distance(rng, lo, hi, log_uniform=False):
-    """A distance in [lo, hi]: uniform, or log-uniform (log(d + 1) uniform), which draws short ones as often
-    as long ones."""
-    if log_uniform:
+def draw_distance(rng, lo, hi, how="uniform"):
+    """A distance in [lo, hi]: uniform; log-uniform (log(d + 1) uniform), which draws short ones as often
+    as long ones; or mixed, half of the draws each way."""
+    if how == "mixed":
+        how = "log-uniform" if rng.random() < 0.5 else "uniform"
+    if how == "log-uniform":
         return int(np.exp(rng.uniform(np.log(lo + 1), np.log(hi + 2)))) - 1
     return int(rng.integers(lo, hi + 1))
 
@@ -108,11 +110,10 @@ def generate_lines(cfg, split, n=None, distance=None):
     rng = np.random.default_rng([cfg.seed, SPLIT_STREAMS[split]])
     n = n if n is not None else getattr(cfg, f"{split}_stories")
     names = name_pool(cfg.num_names)
-    log_uniform = split == "train" and cfg.train_distances == "log-uniform"
+    how = cfg.train_distances if split == "train" else "uniform"
     lines = []
     for _ in range(n):
-        d = distance if distance is not None else draw_distance(rng, cfg.min_distance, cfg.max_distance,
-                                                                 log_uniform)
+        d = distance if distance is not None else draw_distance(rng, cfg.min_distance, cfg.max_distance, how)
         tokens, _ = story(rng, d, names)
         lines.append(" ".join(tokens))
     return lines
