@@ -397,49 +397,51 @@ class Trainer:
         Returns (signal number or 0, whether the epoch's end was reached without a divergence recovery).
         """
         t, p = self.t, self.p
-        n_rows = len(self.train_data)
         if p.pos == 0:
             self.state = self.model.init_state(self.hi - self.lo)
-        interval_start = time.perf_counter()
-        bar = tqdm(total=n_rows - 1, initial=p.pos, desc=f"epoch {p.epoch}/{t.epochs}", unit="tok/stream",
-                   disable=True if self.quiet else None, leave=False, dynamic_ncols=True)
-        while p.pos < n_rows - 1 and not self.out_of_steps():
-            x, y = get_batch(self.train_data, p.pos, self.window_length())
-            lr = self.schedule.at(p.step, self.progress())
-            if t.variable_bptt:  # a longer window sums more steps: keep the per-token rate
-                lr *= len(x) / t.bptt
-            loss, norm, ok = self.train_step(x, y, lr)
-            tokens = len(y) * t.batch_size
-            self.budget.session_tokens += tokens
-            p.pos += len(x)
-            p.step += 1
-            bar.update(len(x))
-            if not ok:
-                if self.bad_step(loss, norm, lr):  # recovered: continue from the checkpoint's position
-                    bar.close()
-                    return 0, False
-            else:
-                p.bad_in_row = 0
-                p.interval_loss += loss * tokens
-                p.interval_tokens += tokens
-                p.epoch_loss += loss * tokens
-                p.epoch_tokens += tokens
-            if p.step % t.log_every == 0 and p.interval_tokens:
-                now = time.perf_counter()
-                mean = p.interval_loss / p.interval_tokens
-                tps = p.interval_tokens / max(now - interval_start, 1e-9)
-                self.log("train", split="train", loss=mean, ppl=perplexity(mean), lr=lr, tokens_per_s=tps,
-                         grad_norm=norm)
-                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}", lr=f"{lr:.3g}",
-                                tok_s=f"{tps:,.0f}", refresh=False)
-                p.interval_loss, p.interval_tokens = 0.0, 0
-                interval_start = now
-            signum = self.after_step(signals)
-            if signum:
-                bar.close()
-                return signum, False
-        bar.close()
+        self.interval_start = time.perf_counter()
+        with tqdm(total=len(self.train_data) - 1, initial=p.pos, desc=f"epoch {p.epoch}/{t.epochs}",
+                  unit="tok/stream", disable=True if self.quiet else None, leave=False, dynamic_ncols=True) as bar:
+            while p.pos < len(self.train_data) - 1 and not self.out_of_steps():
+                x, y = get_batch(self.train_data, p.pos, self.window_length())
+                lr = self.schedule.at(p.step, self.progress())
+                if t.variable_bptt:  # a longer window sums more steps: keep the per-token rate
+                    lr *= len(x) / t.bptt
+                loss, norm, ok = self.train_step(x, y, lr)
+                self.count_step(len(x), loss if ok else None)
+                bar.update(len(x))
+                if not ok and self.bad_step(loss, norm, lr):
+                    return 0, False  # recovered: the caller continues from the checkpoint's position
+                if p.step % t.log_every == 0 and p.interval_tokens:
+                    self.log_train(lr, norm, bar)
+                signum = self.after_step(signals)
+                if signum:
+                    return signum, False
         return 0, True
+
+    def count_step(self, rows, loss):
+        """Move past a window of ``rows`` time steps and add its loss (None: skipped) to the logged sums."""
+        p, tokens = self.p, rows * self.t.batch_size
+        self.budget.session_tokens += tokens
+        p.pos += rows
+        p.step += 1
+        if loss is not None:
+            p.bad_in_row = 0
+            p.interval_loss += loss * tokens
+            p.interval_tokens += tokens
+            p.epoch_loss += loss * tokens
+            p.epoch_tokens += tokens
+
+    def log_train(self, lr, norm, bar):
+        """A "train" event with the mean loss since the last one, and the progress bar's figures."""
+        p, now = self.p, time.perf_counter()
+        mean = p.interval_loss / p.interval_tokens
+        tps = p.interval_tokens / max(now - self.interval_start, 1e-9)
+        self.log("train", split="train", loss=mean, ppl=perplexity(mean), lr=lr, tokens_per_s=tps, grad_norm=norm)
+        bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}", lr=f"{lr:.3g}", tok_s=f"{tps:,.0f}",
+                        refresh=False)
+        p.interval_loss, p.interval_tokens = 0.0, 0
+        self.interval_start = now
 
     def periodic_save_due(self):
         t = self.t
