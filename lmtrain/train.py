@@ -211,9 +211,9 @@ class Trainer:
 
     def save_periodic(self):
         self.save("last.npz")
-        if self.t.keep_last and self.world.is_main:
+        if self.t.keep_last:
             self.save(f"step-{self.p.step:08d}.npz")
-            numbered = sorted(glob.glob(os.path.join(self.ckpt_dir, "step-*.npz")))
+            numbered = sorted(glob.glob(os.path.join(self.ckpt_dir, "step-*.npz"))) if self.world.is_main else []
             for old in numbered[:-self.t.keep_last]:
                 os.remove(old)
 

@@ -111,7 +111,7 @@ def wait_for_train_lines(run, n, proc, timeout=120):
 
 def test_ctrl_c_to_mpiexec_saves_once_and_resumes_exactly(resumable, reference, tmp_path):
     run = tmp_path / "interrupted"
-    proc = launch(resumable, run, wait=False)
+    proc = launch(resumable, run, "--set", "train.keep_last=2", wait=False)  # numbered saves: collectives too
     wait_for_train_lines(run, 40, proc)
     proc.send_signal(signal.SIGINT)  # mpiexec passes it to every rank
     _, err = proc.communicate(timeout=60)
@@ -119,9 +119,10 @@ def test_ctrl_c_to_mpiexec_saves_once_and_resumes_exactly(resumable, reference, 
     assert err.count("stopped by SIGINT") == 1 and "mpiexec -n 2 lmtrain fit" in err and "--resume" in err
     step = load_checkpoint(run / "checkpoints" / "last.npz").meta["step"]
     assert 40 <= step < reference[-1][0]
-    code, _, err = launch(resumable, run, "--resume")
+    code, _, err = launch(resumable, run, "--resume", "--set", "train.keep_last=2")
     assert code == 0, err
     assert train_losses(run) == reference
+    assert len(list((run / "checkpoints").glob("step-*.npz"))) == 2
 
 
 def test_a_killed_rank_ends_the_job_with_its_name_and_the_run_resumes_exactly(resumable, reference, tmp_path):
@@ -158,3 +159,38 @@ def test_a_batch_that_does_not_divide_is_one_error(exact, tmp_path):
     assert err.strip() == ("error: train.batch_size 7 must divide by the 2 ranks times train.accumulate 1: each "
                            "rank reads an equal share of the streams")
     assert not (tmp_path / "r").exists()
+
+
+# Rank 1 alone gets a NaN gradient on the given calls of backward (rank 0's stay finite): the ranks must
+# still skip the same steps and reload together.
+NAN_ON_RANK_1 = """
+import sys
+import numpy as np
+from lmtrain.nn.model import LanguageModel
+from lmtrain.cli import main
+calls, bad = [0], {int(c) for c in sys.argv[1].split(",")}
+backward = LanguageModel.backward
+def poisoned(self, *args, **kwargs):
+    out = backward(self, *args, **kwargs)
+    calls[0] += 1
+    from lmtrain.world import get_world
+    if get_world().rank == 1 and calls[0] in bad:
+        self.grads["decoder.bias"][0] = np.nan
+    return out
+LanguageModel.backward = poisoned
+main(sys.argv[2:])
+"""
+
+
+def test_a_nan_on_one_rank_is_skipped_and_recovered_from_by_all(resumable, tmp_path):
+    run = tmp_path / "nan"
+    calls = ",".join(map(str, [30, *range(40, 45)]))  # one skipped step, then five in a row: a reload
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", NAN_ON_RANK_1, calls, "fit", str(resumable),
+                           "--run-dir", str(run), "--quiet", "--set", "train.epochs=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ev = events(run)
+    assert [e["step"] for e in ev if e["event"] == "bad_step"] == [30, 40, 41, 42, 43, 44]
+    recover = [e for e in ev if e["event"] == "recover"]
+    assert len(recover) == 1 and recover[0]["from_step"] == 36
+    assert ev[-1]["event"] == "test" and np.isfinite(ev[-1]["ppl"])
