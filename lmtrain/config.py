@@ -39,9 +39,8 @@ class SyntheticConfig:
     train_distances: str = option("uniform", "how the training split draws each story's distance from "
                                   "[min_distance, max_distance]: uniform, or log-uniform (as many stories at "
                                   "1-2 as at 20-40: the short ones teach a model to keep the name, the long "
-                                  "ones to keep it long), or mixed (half of the stories each way); validation "
-                                  "and test always draw uniformly",
-                                  choices=["uniform", "log-uniform", "mixed"])
+                                  "ones to keep it long); validation and test always draw uniformly",
+                                  choices=["uniform", "log-uniform"])
 
 
 @dataclass

@@ -96,10 +96,8 @@ SPLIT_STREAMS = {"train": 0, "valid": 1, "test": 2, "probe": 3}
 
 
 def draw_distance(rng, lo, hi, how="uniform"):
-    """A distance in [lo, hi]: uniform; log-uniform (log(d + 1) uniform), which draws short ones as often
-    as long ones; or mixed, half of the draws each way."""
-    if how == "mixed":
-        how = "log-uniform" if rng.random() < 0.5 else "uniform"
+    """A distance in [lo, hi]: uniform, or log-uniform (log(d + 1) uniform), which draws short ones as
+    often as long ones."""
     if how == "log-uniform":
         return int(np.exp(rng.uniform(np.log(lo + 1), np.log(hi + 2)))) - 1
     return int(rng.integers(lo, hi + 1))
