@@ -50,13 +50,15 @@ class DataConfig:
     root: str = option("data/ptb", "ptb: directory holding train.txt, valid.txt, test.txt (downloaded there when missing)")
     download: bool = option(True, "ptb: download the corpus when it is not under data.root")
     url: str = option(PTB_URL, "ptb: base address of the download; files are ptb.{train,valid,test}.txt")
-    train: typing.Optional[str] = option(None, "text: training file")
-    valid: typing.Optional[str] = option(None, "text: validation file")
-    test: typing.Optional[str] = option(None, "text: test file")
+    train: typing.Union[str, typing.List[str], None] = option(
+        None, "text: training text: a file, a directory (its files in name order), or a list of either")
+    valid: typing.Union[str, typing.List[str], None] = option(None, "text: validation text, as data.train")
+    test: typing.Union[str, typing.List[str], None] = option(None, "text: test text, as data.train")
     lowercase: bool = option(False, "lowercase every token (prompts are lowercased the same way)")
     min_freq: int = option(1, "words seen fewer times in training become <unk>", min=1)
     max_size: typing.Optional[int] = option(None, "keep only the most frequent words (specials included)", min=3)
-    cache: bool = option(True, "cache the encoded token ids under data/cache/, keyed by a content hash")
+    cache: bool = option(True, "keep the token ids prepared under data/cache/ (keyed by the files' content) and "
+                         "memory-map them; false: tokenise into memory on every run")
     synthetic: SyntheticConfig = option(SyntheticConfig(), "synthetic: the built-in story corpus")
 
 
@@ -232,7 +234,18 @@ def _type_name(tp):
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+def _check_paths(path, value, source):
+    """A path, or a non-empty list of paths (the text source's data.train and friends)."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ConfigError(f"{source}'{path}' must be a path or a list of paths, got {value!r}")
+
+
 def _check_value(path, value, tp, meta, source):
+    if typing.List[str] in typing.get_args(tp):
+        return None if value is None else _check_paths(path, value, source)
     optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
     if optional:
         if value is None:
@@ -307,7 +320,8 @@ def validate(cfg, source=""):
     if d.source == "text":
         missing = [k for k in ("train", "valid", "test") if getattr(d, k) is None]
         if missing:
-            raise ConfigError(f"{source}data.source 'text' needs data.{missing[0]} (a file path)")
+            raise ConfigError(f"{source}data.source 'text' needs data.{missing[0]} (a file, a directory or a "
+                              f"list of them)")
     s = d.synthetic
     if s.min_distance > s.max_distance:
         raise ConfigError(f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "

