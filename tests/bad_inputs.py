@@ -185,6 +185,16 @@ CASES = [
      lambda: [write(f"ptbdir/{s}.txt", "a b\n") for s in ("train", "valid", "test")]
      and write("p.yaml", "data: {source: ptb, root: ptbdir}\n"),
      ["fit", "p.yaml"], "ptbdir/train.txt is not the standard PTB train file (SHA-256 mismatch)", 2),
+    ("wikitext-no-download", "WikiText absent, download disabled",
+     lambda: write("w.yaml", "data: {source: wikitext-2, root: nowhere, download: false}\n"), ["fit", "w.yaml"],
+     "WikiText-2 not found under nowhere and data.download is false; put wiki.train.tokens", 2),
+    ("wikitext-offline", "WikiText absent, machine offline",  # port 0: refused at once, on every run
+     lambda: write("w.yaml", "data: {source: wikitext-103, root: wt, url: 'http://127.0.0.1:0/wt103.zip'}\n"),
+     ["prepare", "w.yaml"], "could not download http://127.0.0.1:0/wt103.zip", 2),
+    ("wikitext-foreign-archive", "another zip where the WikiText archive belongs",
+     lambda: (write("wt/wikitext-2-v1.zip", b"PK\x03\x04 some other archive"),
+              write("w.yaml", "data: {source: wikitext-2, root: wt}\n")),
+     ["fit", "w.yaml"], "wt/wikitext-2-v1.zip is not the WikiText-2 archive (SHA-256 mismatch)", 2),
     # -- run directories ------------------------------------------------------
     ("run-exists", "fit into another run's directory", "trained", ["fit", "c.yaml", "--run-dir", "run"],
      "run directory run already holds a run", 2),
