@@ -252,3 +252,19 @@ def test_training_reads_views_of_the_mapped_ids(tmp_path):
     x, y = trainer.train_data[0:5], trainer.train_data[1:6]
     loss, norm, ok = trainer.train_step(x, y, 0.1)
     assert ok and np.isfinite(loss)
+
+
+def test_the_zipf_benchmark_corpus_is_exact_and_repeatable(tmp_path):
+    import importlib.util
+    from tests.conftest import ROOT
+    spec = importlib.util.spec_from_file_location("zipf_corpus", ROOT / "benchmarks" / "zipf_corpus.py")
+    zipf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zipf)
+    for out in ("a", "b"):
+        zipf.main([str(tmp_path / out), "--tokens", "20000", "--types", "3000", "--seed", "3"])
+    for split in SPLITS:
+        assert (tmp_path / "a" / f"{split}.txt").read_bytes() == (tmp_path / "b" / f"{split}.txt").read_bytes()
+    files = {s: [str(tmp_path / "a" / f"{s}.txt")] for s in SPLITS}
+    corpus = prepare_corpus(files, str(tmp_path / "cache"), log=lambda *a: None)
+    assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (20000, 50, 50)
+    assert corpus.vocab.words[2] == "a" and len(corpus.vocab) <= 3002  # rank 1 is the most frequent
