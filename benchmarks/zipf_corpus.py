@@ -6,8 +6,8 @@
 Writes OUT/train.txt, OUT/valid.txt and OUT/test.txt.  Word i (0 = the most
 frequent) is drawn with probability proportional to 1 / (i + 1)^exponent over
 --types words, as in natural text (Zipf's law); words are letter strings,
-shorter for frequent ones ("a", "b", ..., "aa", ...).  Lines hold 1 + Poisson(24)
-words, about a sentence.  --tokens counts the training split as lmtrain does:
+shorter for frequent ones ("a", "b", ..., "aa", ...).  Lines hold 1 + Poisson(23)
+words, 24 on average, about a sentence.  --tokens counts the training split as lmtrain does:
 its words plus one <eos> per line; validation and test get --tokens / 400 each
 (WikiText-103's proportion).
 
