@@ -10,6 +10,7 @@ import pytest
 from lmtrain.data import corpus as corpus_mod
 from lmtrain.data import prepare
 from lmtrain.data.corpus import id_dtype, read_tokens
+from lmtrain.data.download import sha256_file
 from lmtrain.data.prepare import open_prepared, prepare_corpus
 from lmtrain.data.vocab import EOS, Vocab
 from lmtrain.errors import DataError
@@ -95,7 +96,7 @@ def old_npz_key(files, min_freq=1, max_size=None, lowercase=False):
     """The file name lmtrain's first cache format gave a corpus (data/cache/corpus-<key>.npz)."""
     h = hashlib.sha256(json.dumps([min_freq, max_size, lowercase]).encode())
     for s in SPLITS:
-        h.update(prepare.sha256_file(files[s][0]).encode())
+        h.update(sha256_file(files[s][0]).encode())
     return f"corpus-{h.hexdigest()[:20]}.npz"
 
 

@@ -50,7 +50,7 @@ def download(url, dest, sha256, size=None, timeout=60, hint="", progress=True):
     if size is not None and have > size:
         os.remove(part)
         have = 0
-    h = _hash_file(part) if have else hashlib.sha256()
+    h = hash_file(part) if have else hashlib.sha256()
     headers = {"User-Agent": f"lmtrain/{__version__}"}  # some hosts refuse Python's default agent
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -102,12 +102,17 @@ def download(url, dest, sha256, size=None, timeout=60, hint="", progress=True):
     os.replace(part, dest)
 
 
-def _hash_file(path):
+def hash_file(path):
+    """The SHA-256 state after the bytes of ``path`` (a download resumes it with the bytes still to come)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             h.update(chunk)
     return h
+
+
+def sha256_file(path):
+    return hash_file(path).hexdigest()
 
 
 def check_members(zf, archive):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from lmtrain.data.corpus import (SPLITS, Corpus, block_tokens, check_has_tokens, encode_blocks, id_dtype,
                                  read_blocks)
+from lmtrain.data.download import sha256_file
 from lmtrain.data.vocab import EOS, Vocab
 from lmtrain.errors import DataError, require_file
 
@@ -39,14 +40,6 @@ from lmtrain.errors import DataError, require_file
 # Version 1 was a single data/cache/corpus-<key>.npz, which this code never opens.
 FORMAT_VERSION = 2
 PROGRESS_BYTES = 32 << 20  # inputs at least this large get a progress bar
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(files, min_freq, max_size, lowercase):

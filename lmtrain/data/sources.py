@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from lmtrain.config import PTB_URL, SOURCE_DEFAULTS
 from lmtrain.data import synthetic
 from lmtrain.data.corpus import SPLITS, build_corpus, tokenize
-from lmtrain.data.download import download, unpack
-from lmtrain.data.prepare import load_in_memory, prepare_corpus, sha256_file
+from lmtrain.data.download import download, sha256_file, unpack
+from lmtrain.data.prepare import load_in_memory, prepare_corpus
 from lmtrain.errors import DataError, require_file
 
 CACHE_DIR = os.path.join("data", "cache")
