@@ -40,14 +40,15 @@ RATIO_FLOOR = 1 << 20
 MAX_MEMBERS = 10000
 
 
-def download(url, dest, sha256, size=None, timeout=60, hint="", progress=True):
+def download(url, dest, sha256, size=None, max_bytes=None, timeout=60, hint="", progress=True):
     """Fetch ``url`` to ``dest`` through ``dest.part``, resuming a partial one; keep it only if its SHA-256
-    is ``sha256``.  ``size``: the bytes expected, if known (a server sending more is cut off).  ``hint``:
-    what the error messages add (how to get the file by hand)."""
+    is ``sha256``.  ``size``: the file's size, if known; ``max_bytes``: otherwise a bound (a server sending
+    more is cut off either way).  ``hint``: what the error messages add (how to get the file by hand)."""
     part = dest + ".part"
     hint = f"; {hint}" if hint else ""
+    limit = size if size is not None else max_bytes
     have = os.path.getsize(part) if os.path.isfile(part) else 0
-    if size is not None and have > size:
+    if limit is not None and have > limit:
         os.remove(part)
         have = 0
     h = hash_file(part) if have else hashlib.sha256()
@@ -70,18 +71,18 @@ def download(url, dest, sha256, size=None, timeout=60, hint="", progress=True):
                                     f"{resp.headers.get('Content-Range')!r}; delete {part} to start over")
                 length = resp.headers.get("Content-Length")
                 total = have + int(length) if length and length.isdigit() else size
-                if size is not None and total is not None and total > size:
-                    raise DataError(f"download of {url} announces {total:,} bytes, more than the {size:,} of "
+                if limit is not None and total is not None and total > limit:
+                    raise DataError(f"download of {url} announces {total:,} bytes, more than the {limit:,} of "
                                     f"the file expected{hint}")
                 with open(part, "ab" if have else "wb") as out, tqdm(
                         total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest),
                         leave=False, dynamic_ncols=True, disable=None if progress else True) as bar:
                     for chunk in iter(lambda: resp.read(CHUNK), b""):
                         have += len(chunk)
-                        if size is not None and have > size:
+                        if limit is not None and have > limit:
                             out.close()
                             os.remove(part)
-                            raise DataError(f"download of {url} is larger than the {size:,} bytes of the file "
+                            raise DataError(f"download of {url} is larger than the {limit:,} bytes of the file "
                                             f"expected; nothing was kept{hint}")
                         h.update(chunk)
                         out.write(chunk)
@@ -169,7 +170,10 @@ def unpack(archive, target, wanted):
         missing = [m for m in wanted if m not in members]
         if missing:
             raise DataError(f"archive {archive} lacks {missing[0]}; is it the right file?")
-        tmp = tempfile.mkdtemp(prefix=".unpack-", dir=target)
+        try:
+            tmp = tempfile.mkdtemp(prefix=".unpack-", dir=target)
+        except OSError as err:
+            raise DataError(f"cannot unpack {archive} into {target}: {err.strerror or err}") from None
         try:
             for member in wanted:
                 info = members[member]

@@ -101,7 +101,8 @@ def write_prepared(out, files, key, min_freq, max_size, lowercase, log=print):
                 has_words = has_words or tokens.count(EOS) < len(tokens)
                 if split == "train":
                     counts.update(tokens)
-            check_has_tokens(split, ", ".join(files[split]), has_words)
+            named = files[split][:3] + ([f"{len(files[split]) - 3} more"] if len(files[split]) > 3 else [])
+            check_has_tokens(split, ", ".join(named), has_words)
             n_tokens[split] = n
         vocab = Vocab.build(counts, min_freq=min_freq, max_size=max_size, lowercase=lowercase)
         del counts

@@ -71,7 +71,7 @@ def ensure_ptb(root, allow_download=True, base_url=PTB_URL, log=print):
             found = candidates[0]
             url = base_url.rstrip("/") + "/" + remote_name
             log(f"downloading {url} -> {found}")
-            download(url, found, sha, size=PTB_MAX_BYTES, hint=_by_hand(root))
+            download(url, found, sha, max_bytes=PTB_MAX_BYTES, hint=_by_hand(root))
         elif sha256_file(found) != sha:
             raise DataError(f"{found} is not the standard PTB {split} file (SHA-256 mismatch); restore it, "
                             f"or use data.source: text for a corpus of your own")
