@@ -332,15 +332,14 @@ def validate(cfg, source=""):
     if d.source == "text":
         missing = [k for k in ("train", "valid", "test") if getattr(d, k) is None]
         if missing:
-            raise ConfigError(f"{source}data.source 'text' needs data.{missing[0]} (a file, a directory or a "
-                              f"list of them)")
-    default_root, default_url = SOURCE_DEFAULTS.get(d.source, (None, None))
-    d.root = d.root if d.root is not None else default_root  # the resolved config names what is used
-    d.url = d.url if d.url is not None else default_url
+            raise ConfigError(f"{source}data.source 'text' needs data.{missing[0]} (a file path)")
     s = d.synthetic
     if s.min_distance > s.max_distance:
         raise ConfigError(f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "
                           f"data.synthetic.max_distance ({s.max_distance})")
+    default_root, default_url = SOURCE_DEFAULTS.get(d.source, (None, None))
+    d.root = d.root if d.root is not None else default_root  # the resolved config names what is used
+    d.url = d.url if d.url is not None else default_url
 
 
 # ---------------------------------------------------------------------------
