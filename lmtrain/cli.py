@@ -87,13 +87,13 @@ def fit(config, overrides, run_dir, resume, overwrite, quiet, debug):
 def eval_cmd(ckpt, split, text_file, batch_size, as_json, debug):
     """Perplexity of a checkpoint over a whole split or file."""
     from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
-    from lmtrain.data.corpus import read_tokens
+    from lmtrain.data.corpus import encode_file
     from lmtrain.data.sources import load_corpus
     from lmtrain.train import evaluate
 
     model, vocab, cfg = model_from_checkpoint(load_checkpoint(ckpt))
     if text_file:
-        ids = vocab.encode(read_tokens(text_file, "text file", vocab.lowercase))
+        ids = encode_file(text_file, vocab)
         if len(ids) < 2:
             raise LmtrainError(f"text file {text_file} has too few tokens to evaluate")
         source = text_file
@@ -109,6 +109,25 @@ def eval_cmd(ckpt, split, text_file, batch_size, as_json, debug):
     else:
         click.echo(f"{source} perplexity {ppl:.2f} (loss {loss:.4f}) over {count:,} tokens, batch size "
                    f"{batch_size}, checkpoint {ckpt}")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=True))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@debug_option
+def prepare(config, overrides, debug):
+    """Download CONFIG's corpus if needed and tokenise it into data/cache/ (fit does this by itself when
+    the prepared files are missing; a second prepare finds them and does nothing)."""
+    from lmtrain.data.sources import load_corpus
+
+    cfg = load_config(config, overrides)
+    if cfg.data.source == "synthetic":
+        click.echo("data.source synthetic is generated in memory by every run: nothing to prepare")
+        return
+    if not cfg.data.cache:
+        raise LmtrainError(f"data.cache is false in {config}: runs tokenise into memory and keep nothing; "
+                           f"set data.cache: true to prepare the corpus once")
+    click.echo(load_corpus(cfg.data, log=click.echo).describe())
 
 
 @cli.command()

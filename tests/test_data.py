@@ -6,7 +6,8 @@ import pytest
 from lmtrain.config import SyntheticConfig
 from lmtrain.data import synthetic
 from lmtrain.data.batching import batchify, eval_streams, get_batch, window_starts
-from lmtrain.data.corpus import build_corpus, load_text_corpus, read_tokens, tokenize
+from lmtrain.data.corpus import build_corpus, read_tokens, tokenize
+from lmtrain.data.prepare import prepare_corpus
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.errors import DataError
 
@@ -57,28 +58,17 @@ def test_a_line_longer_than_the_limit_is_refused(tmp_path, monkeypatch):
 def test_empty_split_is_an_error(tmp_path):
     for name, text in [("train", "a b\n"), ("valid", "\n\n"), ("test", "a\n")]:
         (tmp_path / f"{name}.txt").write_text(text)
-    paths = {s: tmp_path / f"{s}.txt" for s in ("train", "valid", "test")}
+    files = {s: [str(tmp_path / f"{s}.txt")] for s in ("train", "valid", "test")}
     with pytest.raises(DataError, match="valid split .* has no tokens"):
-        load_text_corpus(paths)
-
-
-def test_cache_returns_the_same_corpus(tmp_path):
-    for name in ("train", "valid", "test"):
-        (tmp_path / f"{name}.txt").write_text("the cat sat\nthe dog\n")
-    paths = {s: tmp_path / f"{s}.txt" for s in ("train", "valid", "test")}
-    first = load_text_corpus(paths, cache_dir=tmp_path / "cache")
-    assert len(list((tmp_path / "cache").iterdir())) == 1
-    second = load_text_corpus(paths, cache_dir=tmp_path / "cache")
-    assert second.vocab == first.vocab and np.array_equal(second.train, first.train)
-    (tmp_path / "train.txt").write_text("other words\n")  # new content, new key
-    third = load_text_corpus(paths, cache_dir=tmp_path / "cache")
-    assert "other" in third.vocab.index
+        prepare_corpus(files, str(tmp_path / "cache"), log=lambda *a: None)
+    assert not any((tmp_path / "cache").glob("tokens-*"))
 
 
 def test_batchify_and_windows_read_each_stream_in_order():
     ids = np.arange(23, dtype=np.int32)
     data = batchify(ids, 4)  # 5 rows, 3 tokens dropped
     assert data.shape == (5, 4) and list(data[:, 1]) == [5, 6, 7, 8, 9]
+    assert np.shares_memory(data, ids)  # a view: the ids may be a memory-mapped file
     pairs = [get_batch(data, i, 3) for i in window_starts(data, 3)]
     assert len(pairs) == 2
     assert pairs[1][0].shape == (1, 4)
@@ -121,8 +111,9 @@ def test_synthetic_distance_is_exact(distance):
         assert not set(tokens[second_end + 1:question]) & set(synthetic.NAMES)
 
 
-def test_ptb_token_counts(ptb):
+def test_ptb_token_counts(ptb, tmp_path):
     from lmtrain.data.sources import ensure_ptb
-    corpus = load_text_corpus(ensure_ptb(str(ptb), allow_download=False))
+    files = {s: [p] for s, p in ensure_ptb(str(ptb), allow_download=False).items()}
+    corpus = prepare_corpus(files, str(tmp_path / "cache"), log=lambda *a: None)
     assert len(corpus.vocab) == 10000
     assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (929589, 73760, 82430)

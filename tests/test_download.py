@@ -1,10 +1,15 @@
 """The PTB downloader against a local HTTP server on 127.0.0.1: never the network."""
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import http.server
+import os
 import shutil
 import socket
+import stat
 import threading
+import zipfile
 
 import pytest
 
@@ -81,3 +86,244 @@ def test_a_modified_local_copy_is_refused(ptb, tmp_path):
         fh.write(" extra line \n")
     with pytest.raises(DataError, match="valid.txt is not the standard PTB valid file"):
         sources.ensure_ptb(str(tmp_path), allow_download=False)
+
+
+# -- WikiText: a fixture release served from 127.0.0.1 ----------------------------------------------------
+
+class RangeServer(http.server.ThreadingHTTPServer):
+    """Serves the files of ``root``; honours ``Range: bytes=N-`` when ``ranges`` is true, and closes the
+    connection after ``cut`` bytes of a body when ``cut`` is set.  ``ranges_asked`` records each request's
+    Range header, ``sent`` the body bytes written."""
+
+    def __init__(self, root):
+        super().__init__(("127.0.0.1", 0), RangeHandler)
+        self.root, self.ranges, self.cut, self.ranges_asked, self.sent = root, True, None, [], 0
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        path = srv.root / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        asked = self.headers.get("Range")
+        srv.ranges_asked.append(asked)
+        start = int(asked.split("=")[1].split("-")[0]) if asked and srv.ranges else 0
+        if start >= len(data) > 0:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = data[start:]
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        body = body if srv.cut is None else body[:srv.cut]
+        self.wfile.write(body)
+        srv.sent += len(body)
+        self.close_connection = True
+
+
+@pytest.fixture
+def range_server(tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    httpd = RangeServer(root)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# Counted by hand: every line end is an <eos>, blank lines included (" \n" is a line with no word).
+FIXTURE = {
+    "train": " \n = Tom = \n \n Tom was a <unk> cat . \n He sat on the mat . \n",  # 0+3+0+6+6 words, 5 lines
+    "valid": " \n = Mat = \n The mat sat . \n",                                  # 0+3+4 words, 3 lines
+    "test": " \n The cat was a dog . \n \n",                                      # 0+6+0 words, 3 lines
+}
+FIXTURE_COUNTS = (15 + 5, 7 + 3, 6 + 3)
+FIXTURE_VOCAB = 11 + 2  # train's 11 distinct words, <unk> and <eos>
+
+
+def make_zip(path, members):
+    """A zip of ``members``: (name, bytes) pairs, or ZipInfo objects with their bytes."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members:
+            zf.writestr(name, data)
+
+
+def wikitext_zip(path, extra=()):
+    make_zip(path, [(f"wikitext-2/wiki.{s}.tokens", FIXTURE[s].encode()) for s in FIXTURE] + list(extra))
+    return path
+
+
+def pin(monkeypatch, archive, tokens=FIXTURE_COUNTS, vocab=FIXTURE_VOCAB):
+    """Make the served fixture the pinned WikiText-2 release (its SHA-256, size and counts)."""
+    data = archive.read_bytes()
+    release = dataclasses.replace(sources.RELEASES["wikitext-2"], sha256=hashlib.sha256(data).hexdigest(),
+                                  size=len(data), tokens=tokens, vocab=vocab)
+    monkeypatch.setitem(sources.RELEASES, "wikitext-2", release)
+
+
+def wikitext_cfg(url, root, **data):
+    from lmtrain.config import from_dict
+    return from_dict({"data": {"source": "wikitext-2", "root": str(root), "url": url + "wikitext-2-v1.zip",
+                               **data}}).data
+
+
+def test_the_published_wikitext_sums_are_pinned():
+    assert sources.RELEASES["wikitext-2"].sha256.startswith("92675f1d63015c1c")
+    assert sources.RELEASES["wikitext-103"].sha256.startswith("242ba0f20b329cfd")
+    from lmtrain.config import from_dict
+    assert from_dict({"data": {"source": "wikitext-103"}}).data.url == "https://wikitext.smerity.com/wikitext-103-v1.zip"
+    assert from_dict({"data": {"source": "wikitext-103"}}).data.root == "data/wikitext-103"
+
+
+def test_wikitext_downloads_verifies_unpacks_and_counts_as_published(range_server, tmp_path, monkeypatch):
+    httpd, url = range_server
+    pin(monkeypatch, wikitext_zip(httpd.root / "wikitext-2-v1.zip"))
+    root = tmp_path / "data" / "wikitext-2"
+    lines = []
+    corpus = sources.load_corpus(wikitext_cfg(url, root), log=lines.append)
+    assert sorted(p.name for p in root.iterdir()) == ["wiki.test.tokens", "wiki.train.tokens", "wiki.valid.tokens"]
+    assert tuple(len(corpus.split(s)) for s in ("train", "valid", "test")) == FIXTURE_COUNTS
+    assert len(corpus.vocab) == FIXTURE_VOCAB and "<unk>" in corpus.vocab.index
+    assert corpus.vocab.decode(corpus.valid[:5]) == ["<eos>", "=", "<unk>", "=", "<eos>"]  # "Mat" is not in train
+    assert not any(line.startswith("warning") for line in lines)
+    # found the second time: nothing is downloaded
+    assert sources.ensure_wikitext("wikitext-2", str(root), allow_download=False) == {
+        s: str(root / f"wiki.{s}.tokens") for s in ("train", "valid", "test")}
+
+
+def test_counts_unlike_the_published_ones_are_reported(range_server, tmp_path, monkeypatch):
+    httpd, url = range_server
+    pin(monkeypatch, wikitext_zip(httpd.root / "wikitext-2-v1.zip"), tokens=(2088628, 217646, 245569))
+    lines = []
+    sources.load_corpus(wikitext_cfg(url, tmp_path / "wt2"), log=lines.append)
+    assert any(line.startswith("warning: ") and "not the standard release" in line for line in lines)
+
+
+def test_a_wrong_checksum_is_refused_and_nothing_kept(range_server, tmp_path, monkeypatch):
+    httpd, url = range_server
+    pin(monkeypatch, wikitext_zip(httpd.root / "wikitext-2-v1.zip"))
+    monkeypatch.setitem(sources.RELEASES, "wikitext-2",
+                        dataclasses.replace(sources.RELEASES["wikitext-2"], sha256="0" * 64))
+    root = tmp_path / "data" / "wikitext-2"
+    with pytest.raises(DataError, match="does not match its pinned SHA-256.*nothing was kept"):
+        sources.load_corpus(wikitext_cfg(url, root), log=lambda *a: None)
+    assert not root.exists()  # neither the archive, nor its .part, nor the directory made for it
+
+
+def test_a_broken_download_resumes_where_it_stopped(range_server, tmp_path, monkeypatch):
+    httpd, url = range_server
+    archive = wikitext_zip(httpd.root / "wikitext-2-v1.zip", extra=[("wikitext-2/README", os.urandom(3000))])
+    pin(monkeypatch, archive)
+    size = archive.stat().st_size
+    root = tmp_path / "wt2"
+    httpd.cut = size // 3
+    with pytest.raises(DataError, match=r"could not download .*kept in .*wikitext-2-v1\.zip\.part and the next run resumes"):
+        sources.ensure_wikitext("wikitext-2", str(root), url=url + "wikitext-2-v1.zip", log=lambda *a: None)
+    assert (root / "wikitext-2-v1.zip.part").stat().st_size == size // 3
+    httpd.cut, httpd.sent = None, 0
+    paths = sources.ensure_wikitext("wikitext-2", str(root), url=url + "wikitext-2-v1.zip", log=lambda *a: None)
+    assert httpd.ranges_asked == [None, f"bytes={size // 3}-"]
+    assert httpd.sent == size - size // 3  # only the rest came over the wire
+    assert open(paths["train"]).read() == FIXTURE["train"]
+    assert sorted(p.name for p in root.iterdir()) == ["wiki.test.tokens", "wiki.train.tokens", "wiki.valid.tokens"]
+
+
+def test_a_server_that_ignores_ranges_sends_the_whole_file_again(range_server, tmp_path):
+    httpd, url = range_server
+    (httpd.root / "f.bin").write_bytes(b"0123456789" * 100)
+    (tmp_path / "f.bin.part").write_bytes(b"junk that is not the start")
+    httpd.ranges = False
+    sources.download(url + "f.bin", str(tmp_path / "f.bin"), hashlib.sha256(b"0123456789" * 100).hexdigest())
+    assert (tmp_path / "f.bin").read_bytes() == b"0123456789" * 100 and not (tmp_path / "f.bin.part").exists()
+
+
+def test_a_complete_part_file_is_verified_without_downloading(range_server, tmp_path):
+    httpd, url = range_server
+    (httpd.root / "f.bin").write_bytes(b"abc" * 50)
+    (tmp_path / "f.bin.part").write_bytes(b"abc" * 50)
+    sources.download(url + "f.bin", str(tmp_path / "f.bin"), hashlib.sha256(b"abc" * 50).hexdigest())
+    assert httpd.sent == 0 and (tmp_path / "f.bin").read_bytes() == b"abc" * 50
+
+
+def test_more_bytes_than_the_release_has_are_refused(range_server, tmp_path, monkeypatch):
+    httpd, url = range_server
+    archive = wikitext_zip(httpd.root / "wikitext-2-v1.zip")
+    pin(monkeypatch, archive)
+    monkeypatch.setitem(sources.RELEASES, "wikitext-2", dataclasses.replace(
+        sources.RELEASES["wikitext-2"], size=archive.stat().st_size - 1))
+    with pytest.raises(DataError, match="more than the"):
+        sources.ensure_wikitext("wikitext-2", str(tmp_path / "wt2"), url=url + "wikitext-2-v1.zip", log=print)
+    assert not (tmp_path / "wt2").exists()
+
+
+def symlink(name, target):
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, target
+
+
+@pytest.mark.parametrize("member,message", [
+    (("../outside.txt", b"escaped"), "would land outside the target directory"),
+    (("wikitext-2/../../outside.txt", b"escaped"), "would land outside the target directory"),
+    (("ABSOLUTE", b"escaped"), "has an absolute path"),
+    (symlink("wikitext-2/wiki.train.link", "/etc/passwd"), "is a symbolic link"),
+    (("wikitext-2/bomb", b"\0" * (4 << 20)), "compressed"),
+    (("wikitext-2/wiki.train.tokens", b"second copy"), "appears twice"),
+], ids=["dotdot", "nested-dotdot", "absolute", "symlink", "bomb", "duplicate"])
+def test_a_crafted_archive_is_refused_with_nothing_written(range_server, tmp_path, monkeypatch, member, message):
+    httpd, url = range_server
+    outside = tmp_path / "outside.txt"
+    name, data = member
+    if name == "ABSOLUTE":
+        name = str(outside)
+    archive = httpd.root / "wikitext-2-v1.zip"
+    with pytest.warns(UserWarning) if "twice" in message else contextlib.nullcontext():
+        wikitext_zip(archive, extra=[(name, data)])
+    pin(monkeypatch, archive)
+    root = tmp_path / "data" / "wt2"
+    with pytest.raises(DataError, match=f"archive .* refused: member .*{message}.*nothing was unpacked"):
+        sources.ensure_wikitext("wikitext-2", str(root), url=url + "wikitext-2-v1.zip", log=lambda *a: None)
+    assert not outside.exists()
+    assert not root.exists()  # neither the archive nor any of its members stays in the data directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "served"]
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_an_archive_put_there_by_hand_is_unpacked_and_kept(tmp_path, monkeypatch):
+    root = tmp_path / "wt2"
+    root.mkdir()
+    archive = wikitext_zip(root / "wikitext-2-v1.zip")
+    pin(monkeypatch, archive)
+    (root / "wiki.valid.tokens").write_text("my own valid\n")  # a file already there is never overwritten
+    paths = sources.ensure_wikitext("wikitext-2", str(root), allow_download=False, log=lambda *a: None)
+    assert archive.exists() and open(paths["valid"]).read() == "my own valid\n"
+    assert open(paths["test"]).read() == FIXTURE["test"]
+
+
+def test_a_foreign_archive_put_there_by_hand_is_refused(tmp_path):
+    root = tmp_path / "wt2"
+    root.mkdir()
+    wikitext_zip(root / "wikitext-2-v1.zip")  # not the pinned release
+    with pytest.raises(DataError, match="is not the WikiText-2 archive .*SHA-256 mismatch"):
+        sources.ensure_wikitext("wikitext-2", str(root), allow_download=False, log=lambda *a: None)
+    assert (root / "wikitext-2-v1.zip").exists()  # the user's file stays
+
+
+def test_no_wikitext_and_no_download_says_where_to_put_the_files(tmp_path):
+    with pytest.raises(DataError, match="WikiText-103 not found under .*put wiki.train.tokens, wiki.valid.tokens "
+                                        "and wiki.test.tokens of WikiText-103 .*wikitext-103-v1.zip.* by hand"):
+        sources.ensure_wikitext("wikitext-103", str(tmp_path / "wt103"), allow_download=False)

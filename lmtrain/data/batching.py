@@ -20,9 +20,10 @@ import numpy as np
 
 
 def batchify(ids, batch_size):
-    """(L, B) array: column b is the b-th contiguous slice of ``ids``."""
+    """(L, B) view of ``ids`` (no copy: it may be a memory-mapped file): column b is its b-th contiguous
+    slice, so a row holds ids L apart and reading a window touches B places of the file."""
     L = len(ids) // batch_size
-    return np.ascontiguousarray(ids[:L * batch_size].reshape(batch_size, L).T)
+    return ids[:L * batch_size].reshape(batch_size, L).T
 
 
 def get_batch(data, i, bptt):
@@ -43,6 +44,9 @@ def eval_streams(ids, batch_size):
     L = -(-n_targets // batch_size)
     padded = np.zeros(L * batch_size + 1, dtype=ids.dtype)
     padded[:len(ids)] = ids
-    pos = np.arange(batch_size)[None, :] * L + np.arange(L + 1)[:, None]
-    weights = (pos[1:] <= n_targets).astype(np.float32)
-    return padded[pos], weights
+    # column b is padded[b*L : b*L + L + 1]: consecutive columns share one id, so a strided view, not a copy
+    data = np.lib.stride_tricks.as_strided(padded, shape=(L + 1, batch_size),
+                                           strides=(padded.itemsize, L * padded.itemsize), writeable=False)
+    weights = np.ones(L * batch_size, np.float32)  # in the order of ``padded``: the padding is at the end
+    weights[n_targets:] = 0
+    return data, weights.reshape(batch_size, L).T

@@ -1,13 +1,13 @@
-"""Reading text into tokens and tokens into id arrays.
+"""Reading text into tokens, and the Corpus: a vocabulary and one id array per split.
 
-Format (the Penn Treebank's): tokens separated by whitespace, and each line
-end becomes ``<eos>``.  The vocabulary comes from the training split only.
+Format (the Penn Treebank's and WikiText's): tokens separated by whitespace,
+and each line end becomes ``<eos>`` (a blank line included).  A file is read
+in blocks of whole lines, so no file is ever held in memory as a whole, and a
+block's tokens are one ``str.split`` (C speed) rather than a loop per line.
 """
-import hashlib
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -20,52 +20,111 @@ SPLITS = ("train", "valid", "test")
 # A line longer than this is not text meant for a word-level model (a file
 # without line breaks, a binary blob); reading stops instead of filling memory.
 MAX_LINE_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20  # read size: a block's tokens as Python strings take ~15x this
 
 
-def read_lines(path, what="corpus file"):
-    """Yield the decoded lines of a UTF-8 text file, one at a time.
+def read_blocks(path, what="corpus file"):
+    """Yield (text, nbytes): decoded UTF-8 text made of whole lines, about BLOCK_BYTES at a time.
 
     A missing, binary or non-UTF-8 file, or a line over MAX_LINE_BYTES, is a
-    DataError that names the file and the line.
+    DataError that names the file and the line.  Only the last block of a
+    file can lack a final line end.
     """
     path = require_file(path, what, DataError)
+    limit = MAX_LINE_BYTES
+    # Reading at most `limit` bytes at a time, only a block's first line (the one carried over from the
+    # previous read) can be longer than the limit: that is the only line whose length needs checking.
+    size = min(BLOCK_BYTES, limit)
+    line = 1  # number of the first line of the pending bytes
     try:
         with open(path, "rb") as fh:
-            for number, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), 1):
-                if len(raw) > MAX_LINE_BYTES:
-                    raise DataError(f"{what} {path}: line {number} is longer than {MAX_LINE_BYTES >> 20} MiB; "
-                                    f"a corpus needs line breaks (one sentence or paragraph per line)")
-                if b"\x00" in raw:
-                    raise DataError(f"{what} {path} looks binary (NUL byte on line {number}), not text")
-                try:
-                    yield raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(f"{what} {path} is not UTF-8 text (bad byte on line {number}, column "
-                                    f"{err.start + 1})") from None
+            pending = b""
+            while True:
+                chunk = fh.read(size)
+                if not chunk:
+                    break
+                pending += chunk
+                cut = pending.rfind(b"\n") + 1
+                first_len = pending.find(b"\n") + 1 if cut else len(pending)
+                if first_len > limit:
+                    raise DataError(f"{what} {path}: line {line} is longer than {limit >> 20} MiB; a corpus "
+                                    f"needs line breaks (one sentence or paragraph per line)")
+                if cut:
+                    block, pending = pending[:cut], pending[cut:]
+                    yield _decode(block, path, what, line), len(block)
+                    line += block.count(b"\n")
+            if pending:
+                yield _decode(pending, path, what, line), len(pending)
     except OSError as err:
         raise DataError(f"cannot read {what} {path}: {err.strerror}") from None
 
 
-def read_tokens(path, what="corpus file", lowercase=False):
-    """Whitespace-separated tokens of a file, with ``<eos>`` at every line end."""
-    return tokenize_lines(read_lines(path, what), lowercase)
+def _decode(block, path, what, first_line):
+    """``block`` as text, or a DataError naming the line (and column) of a NUL or a byte that is not UTF-8."""
+    nul = block.find(b"\x00")
+    if nul >= 0:
+        line = first_line + block.count(b"\n", 0, nul)
+        raise DataError(f"{what} {path} looks binary (NUL byte on line {line}), not text")
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + block.count(b"\n", 0, err.start)
+        column = err.start - block.rfind(b"\n", 0, err.start)
+        raise DataError(f"{what} {path} is not UTF-8 text (bad byte on line {line}, column {column})") from None
 
 
-def tokenize_lines(lines, lowercase=False):
-    tokens = []
-    for line in lines:
-        tokens.extend((line.lower() if lowercase else line).split())
+def block_tokens(text, lowercase=False):
+    """Whitespace-separated tokens of whole lines, with ``<eos>`` at every line end.
+
+    A last line without a line end still ends in ``<eos>``: a file is a
+    sequence of lines, whether or not its last one is terminated.
+    """
+    if lowercase:
+        text = text.lower()
+    tokens = text.replace("\n", f" {EOS} ").split()
+    if text and not text.endswith("\n"):
         tokens.append(EOS)
     return tokens
 
 
+def file_tokens(path, what="corpus file", lowercase=False):
+    """Yield the tokens of a file, block by block (lists of strings)."""
+    for text, _ in read_blocks(path, what):
+        yield block_tokens(text, lowercase)
+
+
+def read_tokens(path, what="corpus file", lowercase=False):
+    """All tokens of a file as one list (small files: a prompt file, a test fixture)."""
+    return [t for block in file_tokens(path, what, lowercase) for t in block]
+
+
 def tokenize(text, lowercase=False):
     """Whitespace-separated tokens with ``<eos>`` at every line end (\\n)."""
-    return tokenize_lines(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"), lowercase)
+    return block_tokens(text, lowercase)
+
+
+def encode_blocks(blocks, vocab, dtype):
+    """Yield each block of tokens as an id array of ``dtype`` (words outside ``vocab`` become <unk>)."""
+    get, unk = vocab.index.get, repeat(vocab.unk_id)
+    for tokens in blocks:
+        yield np.fromiter(map(get, tokens, unk), dtype=dtype, count=len(tokens))
+
+
+def encode_file(path, vocab, what="text file"):
+    """The ids of a whole file (as ``lmtrain eval --text`` reads it), without a list of its tokens."""
+    dtype = id_dtype(len(vocab))
+    parts = list(encode_blocks(file_tokens(path, what, vocab.lowercase), vocab, dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def id_dtype(vocab_size):
+    """The smallest unsigned type that holds every id: uint16 up to 65,536 words, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 @dataclass
 class Corpus:
+    """The vocabulary and each split as a 1-D id array (memory-mapped from a prepared cache, or in memory)."""
     vocab: Vocab
     train: np.ndarray
     valid: np.ndarray
@@ -79,65 +138,18 @@ class Corpus:
                 f"valid {len(self.valid):,}, test {len(self.test):,}")
 
 
+def check_has_tokens(split, name, has_words):
+    if not has_words:
+        raise DataError(f"the {split} split ({name}) has no tokens")
+
+
 def build_corpus(split_tokens, min_freq=1, max_size=None, lowercase=False, names=None):
-    """Vocabulary from the training tokens, then every split encoded as int32 ids."""
+    """A Corpus from token lists held in memory (the built-in stories): the vocabulary from the
+    training tokens, then every split encoded."""
     names = names or {s: s for s in SPLITS}
     for split in SPLITS:
-        if not split_tokens[split] or all(t == EOS for t in split_tokens[split]):
-            raise DataError(f"the {split} split ({names[split]}) has no tokens")
+        check_has_tokens(split, names[split], any(t != EOS for t in split_tokens[split]))
     vocab = Vocab.build(Counter(split_tokens["train"]), min_freq=min_freq, max_size=max_size,
                         lowercase=lowercase)
-    return Corpus(vocab, *(vocab.encode(split_tokens[s]) for s in SPLITS))
-
-
-def load_text_corpus(paths, min_freq=1, max_size=None, lowercase=False, cache_dir=None):
-    """Read train/valid/test files (``paths``: split -> path) into a Corpus.
-
-    With ``cache_dir`` the encoded result is stored under a key made of the
-    files' contents and the vocabulary settings, so a second run skips the
-    tokenisation.  A cache that cannot be written is simply not used.
-    """
-    key = None
-    if cache_dir is not None:
-        h = hashlib.sha256(json.dumps([min_freq, max_size, lowercase]).encode())
-        for s in SPLITS:
-            h.update(sha256_file(require_file(paths[s], f"{s} file", DataError)).encode())
-        key = os.path.join(cache_dir, f"corpus-{h.hexdigest()[:20]}.npz")
-        cached = _read_cache(key)
-        if cached is not None:
-            return cached
-    corpus = build_corpus({s: read_tokens(paths[s], f"{s} file", lowercase) for s in SPLITS},
-                          min_freq=min_freq, max_size=max_size, lowercase=lowercase,
-                          names={s: paths[s] for s in SPLITS})
-    if key is not None:
-        _write_cache(key, corpus)
-    return corpus
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_cache(path):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            vocab = Vocab.from_dict(json.loads(str(z["vocab"])))
-            return Corpus(vocab, z["train"], z["valid"], z["test"])
-    except Exception:  # absent or unreadable: rebuild
-        return None
-
-
-def _write_cache(path, corpus):
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, vocab=np.array(json.dumps(corpus.vocab.to_dict())),
-                     train=corpus.train, valid=corpus.valid, test=corpus.test)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    dtype = id_dtype(len(vocab))
+    return Corpus(vocab, *(next(encode_blocks([split_tokens[s]], vocab, dtype)) for s in SPLITS))

