@@ -130,7 +130,7 @@ class LanguageModel:
         self.decoder = Linear(block, grad_block, transposed=cfg.tie_weights)
         # Tied: the decoder writes the whole (V, E+1) gradient block first, then
         # the embedding adds its rows to the weight part of it.
-        self.embedding.accumulate = cfg.tie_weights
+        self.embedding.rows_written = V if cfg.tie_weights else 0
         self.loss_layer = SoftmaxCrossEntropy()
         self.ar = self.tar = 0.0
         self.reg_loss = 0.0
