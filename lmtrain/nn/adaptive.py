@@ -93,33 +93,36 @@ class AdaptiveSoftmax:
         w = None if weights is None else weights.reshape(-1)
         # 0 for a head word, i + 1 for a word of tail cluster i
         where = xp.searchsorted(xp.asarray(self.edges), t, side="right")
+        # the head column of each target: its own (K + t) or its cluster's (i)
         head_targets = xp.where(where == 0, t + self.K, where - 1)
-        _, loss_sum, count = self.head_loss.forward(self.head.forward(h), head_targets, weights)
+        s = self.head.forward(h)                                            # s = [h, 1] A
+        _, loss_sum, count = self.head_loss.forward(s, head_targets, weights)
         self.rows, self.h_rows = [], []
         for i, (P, out, loss) in enumerate(zip(self.projs, self.outs, self.tail_losses)):
-            rows = xp.flatnonzero(where == i + 1)
+            rows = xp.flatnonzero(where == i + 1)                           # R_i
             h_rows = h[rows]
             self.rows.append(rows)
             self.h_rows.append(h_rows)
             if len(rows):
-                _, tail_sum, _ = loss.forward(out.forward(h_rows @ P), t[rows] - self.edges[i],
-                                              None if w is None else w[rows], divisor=count)
+                z = out.forward(h_rows @ P)                                 # z_i = [h P_i, 1] T_i, rows R_i only
+                _, tail_sum, _ = loss.forward(z, t[rows] - self.edges[i], None if w is None else w[rows],
+                                              divisor=count)                # -log softmax(z_i)[t - c_i]
                 loss_sum += tail_sum
         self.count = max(count, 1.0)
         return loss_sum / self.count, loss_sum, count
 
     def backward(self):
         """Writes the gradients of every parameter; returns d loss / d h (N, d), a new array."""
-        dh = self.head.backward(self.head_loss.backward())
+        dh = self.head.backward(self.head_loss.backward())  # ds -> dA, dh = ds A[:d]^T
         for P, dP, out, loss, rows, h_rows in zip(self.projs, self.proj_grads, self.outs, self.tail_losses,
                                                   self.rows, self.h_rows):
             if not len(rows):  # no target in this cluster: its parameters get no gradient
                 dP.fill(0)
                 out.grad_block.fill(0)
                 continue
-            du = out.backward(loss.backward())
-            xp.matmul(h_rows.T, du, out=dP)
-            dh[rows] += du @ P.T
+            du = out.backward(loss.backward())  # dz_i -> dT_i, du_i = dz_i T_i[:d_i]^T
+            xp.matmul(h_rows.T, du, out=dP)     # dP_i = h[R_i]^T du_i
+            dh[rows] += du @ P.T                # dh[R_i] += du_i P_i^T
         return dh
 
     def log_probs(self, h):
