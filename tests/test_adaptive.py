@@ -148,7 +148,7 @@ def test_config_rules():
 @pytest.mark.parametrize("tied", [False, True])
 def test_checkpoint_round_trip(tmp_path, tied):
     cfg = from_dict({"model": {"emb_size": 8, "hidden_size": 8, "tie_weights": tied, "softmax": "adaptive",
-                               "adaptive_cutoffs": [3, 5], "adaptive_div": 2}})
+                               "adaptive_cutoffs": [3, 5], "adaptive_div": 2, "init": "pytorch"}})  # biases not 0
     vocab = Vocab(["<eos>", "<unk>"] + [f"w{i}" for i in range(8)])
     model = LanguageModel(cfg.model, len(vocab), seed=2)
     save_checkpoint(tmp_path / "a.npz", model.params, {"config": cfg.to_dict(), "vocab": vocab.to_dict()})
@@ -156,6 +156,21 @@ def test_checkpoint_round_trip(tmp_path, tied):
     assert cfg2.model.adaptive_cutoffs == [3, 5] and list(again.params) == list(model.params)
     for name, p in model.params.items():
         np.testing.assert_array_equal(again.params[name], p)
+    # docs/checkpoint-format.md's recipe, on the file's arrays, gives the model's log-probabilities
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
+        a = {k[len("param/"):]: z[k].astype(np.float64) for k in z.files if k.startswith("param/")}
+    K, (c0, c1), V = 2, (3, 5), len(vocab)
+    x = np.random.default_rng(3).standard_normal((4, 8))
+    A = np.concatenate([a["adaptive.head.cluster_weight"], a["embedding.weight"][:c0]]).T if tied else \
+        a["adaptive.head.weight"]
+    log_softmax = lambda z: z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # noqa: E731
+    head = log_softmax(x @ A + a["adaptive.head.bias"])
+    logp = np.empty((4, V))
+    logp[:, :c0] = head[:, K:]
+    for i, (lo, hi) in enumerate([(c0, c1), (c1, V)]):
+        z = (x @ a[f"adaptive.tail.{i}.proj"]) @ a[f"adaptive.tail.{i}.weight"] + a[f"adaptive.tail.{i}.bias"]
+        logp[:, lo:hi] = head[:, i:i + 1] + log_softmax(z)
+    np.testing.assert_allclose(model.scores(x.astype(np.float32)), logp, rtol=1e-5, atol=1e-5)
 
 
 def test_a_checkpoint_from_before_the_adaptive_softmax_loads_as_full(tmp_path):
