@@ -97,12 +97,12 @@ class ModelConfig:
     orthogonal_recurrent: bool = option(False, "initialise each gate block of W_h as an orthogonal matrix")
     softmax: str = option("full", "full: one softmax over the whole vocabulary; adaptive: Grave et al.'s adaptive "
                           "softmax (a head over the most frequent words and one entry per tail cluster; each "
-                          "cluster behind a smaller projection), much faster for vocabularies of 30,000 words "
-                          "and more, with exact probabilities", choices=["full", "adaptive"])
+                          "cluster behind a smaller projection): exact probabilities at a fraction of the cost "
+                          "for vocabularies of tens of thousands of words and more", choices=["full", "adaptive"])
     adaptive_cutoffs: typing.Optional[typing.List[int]] = option(
-        None, "adaptive: where the clusters start, e.g. [2000, 10000]: the head holds the 2,000 most frequent "
-        "words, the first tail cluster the next 8,000, the second the rest; strictly increasing, each below the "
-        "vocabulary size", min=1)
+        None, "adaptive: where the tail clusters start, e.g. [2000, 10000]: the head holds word ids 0-1999 "
+        "(<eos>, <unk> and the most frequent words), the first tail cluster ids 2000-9999, the second the rest; "
+        "strictly increasing, each below the vocabulary size", min=1)
     adaptive_div: float = option(4.0, "adaptive: tail cluster i (from 0) projects the hidden state down to "
                                  "hidden / div^(i+1) units (at least 1)", min=1.0)
 
