@@ -63,6 +63,19 @@ def test_loss_is_the_nll_read_from_the_full_table(d, V, cutoffs, div, tied):
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_each_cluster_computes_on_its_own_rows_only():
+    """Where the speed comes from: the head sees all rows over K + c_0 columns, cluster i only the rows
+    whose target is in it; nothing on the loss path is V wide."""
+    layer = adaptive_layer(6, 1000, [10, 100], 4.0, seed=7)
+    targets = np.array([0, 5, 9, 10, 99, 100, 999, 3, 500, 2])
+    layer.forward(np.random.default_rng(8).standard_normal((10, 6)), targets)
+    layer.backward()
+    assert layer.head_loss.exps.shape == (10, 2 + 10)
+    assert [loss.exps.shape for loss in layer.tail_losses] == [(2, 90), (3, 900)]
+    # projections of 6 // 4 = 1 unit and of at least 1 (6 // 16 = 0), plus the ones column
+    assert [out.x1.shape for out in layer.outs] == [(2, 1 + 1), (3, 1 + 1)]
+
+
 def test_log_probs_leave_the_training_buffers_alone():
     """Reading the table between a loss and its backward (as a probe may) changes no gradient."""
     layer = adaptive_layer(6, 30, [5, 12], 2.0, seed=5)
