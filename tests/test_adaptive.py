@@ -222,3 +222,18 @@ def test_fit_eval_generate_and_probe_on_an_adaptive_model(tiny_config, tmp_path)
                                 "--plot", tmp_path / "r.png", "--json", check=0).stdout)
     accuracy = next(iter(recall["models"].values()))["accuracy"]
     assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
+
+
+def test_a_resumed_adaptive_run_logs_the_same_losses(tiny_config, tmp_path):
+    """Tied, so the embedding rows past the head must be zeroed in every step's gradient, not carried."""
+    from lmtrain.config import load_config
+    from lmtrain.train import fit
+    sets = ["model.softmax=adaptive", "model.adaptive_cutoffs=[12,40]", "model.tie_weights=true"]
+
+    def losses(run):
+        events = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [(e["event"], e["step"], e["loss"]) for e in events if e["event"] in ("train", "valid", "test")]
+    fit(load_config(tiny_config, sets), tmp_path / "whole", quiet=True)
+    fit(load_config(tiny_config, sets + ["train.epochs=1"]), tmp_path / "part", quiet=True)
+    fit(load_config(tiny_config, sets), tmp_path / "part", resume="last", quiet=True)
+    assert losses(tmp_path / "part") == losses(tmp_path / "whole")
