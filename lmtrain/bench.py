@@ -26,15 +26,17 @@ from lmtrain.data.batching import get_batch
 from lmtrain.data.corpus import Corpus
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.generate import _feed, pick
+from lmtrain.nn.adaptive import tail_shapes
 from lmtrain.nn.cells import CELLS
 from lmtrain.nn.model import layer_sizes
 from lmtrain.train import Trainer
 from lmtrain.world import World
 
 
-def training_products(model_cfg, V, B, T, backward=True):
+def training_products(model_cfg, V, B, T, backward=True, tail_rows=None):
     """(name, m, k, n, count): every matrix product of one training window; with ``backward=False``
-    only the forward pass's (what evaluation runs)."""
+    only the forward pass's (what evaluation runs).  Under the adaptive softmax ``tail_rows`` gives
+    the rows (targets) each tail cluster receives per window: its products have that many rows."""
     E, N = model_cfg.emb_size, T * B
     sizes = layer_sizes(model_cfg)
     G = CELLS[model_cfg.cell].gates
@@ -49,11 +51,34 @@ def training_products(model_cfg, V, B, T, backward=True):
                     (f"rnn.{layer} dW_h (window)", H, N, G * H, 1),
                     (f"rnn.{layer} dA W_x^T (window)", N, G * H, D, 1)]
     H = sizes[-1]
+    if model_cfg.softmax == "adaptive":
+        return out + adaptive_products(model_cfg, H, V, N, backward, tail_rows)
     out += [("decoder [h, 1] W (window)", N, H + 1, V, 1)]
     if backward:
         out += [("decoder dW (window)", H + 1, N, V, 1) if not model_cfg.tie_weights else
                 ("decoder dW (window)", V, N, H + 1, 1),
                 ("decoder dlogits W^T (window)", N, V, H, 1)]
+    return out
+
+
+def adaptive_products(model_cfg, H, V, N, backward, tail_rows):
+    """The adaptive softmax's products (lmtrain/nn/adaptive.py): the head on all N rows, each tail
+    cluster's projection and output on its rows only (none when it gets none)."""
+    width = len(model_cfg.adaptive_cutoffs) + model_cfg.adaptive_cutoffs[0]
+    out = [("head [h, 1] A (window)", N, H + 1, width, 1)]
+    if backward:
+        out += [("head dA (window)", H + 1, N, width, 1) if not model_cfg.tie_weights else
+                ("head dA (window)", width, N, H + 1, 1),
+                ("head ds A^T (window)", N, width, H, 1)]
+    for i, ((d, words), n) in enumerate(zip(tail_shapes(H, V, model_cfg.adaptive_cutoffs, model_cfg.adaptive_div),
+                                            tail_rows)):
+        n = max(1, round(n)) if n > 0 else 0
+        if not n:
+            continue
+        out += [(f"tail {i} h P (its rows)", n, H, d, 1), (f"tail {i} [u, 1] T (its rows)", n, d + 1, words, 1)]
+        if backward:
+            out += [(f"tail {i} dT (its rows)", d + 1, n, words, 1), (f"tail {i} dz T^T (its rows)", n, words, d, 1),
+                    (f"tail {i} dP (its rows)", H, n, d, 1), (f"tail {i} du P^T (its rows)", n, d, H, 1)]
     return out
 
 
@@ -99,10 +124,15 @@ def best_product_time(m, k, n, dtype, repeats=5):
 
 
 def synthetic_corpus(vocab_size, n_tokens, seed=0):
-    """Random ids with a Zipf-like frequency profile, as words have (the embedding gradient cares)."""
+    """Random ids drawn from Zipf's law over the vocabulary, P(id r) ~ (r + 1)^-1.1, as word frequencies
+    roughly go (the embedding gradient cares, and the adaptive softmax's clusters).  The law is cut at the
+    vocabulary and renormalised: clipping an unbounded Zipf draw instead would pile the mass beyond the
+    vocabulary (27% of all ids at 267,735 words) onto its last word."""
     rng = np.random.default_rng(seed)
     vocab = Vocab([EOS, UNK] + [f"w{i}" for i in range(vocab_size - 2)])
-    ranks = np.minimum(rng.zipf(1.1, size=n_tokens) - 1, vocab_size - 1).astype(np.int32)
+    cdf = np.cumsum(np.arange(1, vocab_size + 1, dtype=np.float64) ** -1.1)
+    ranks = np.minimum(np.searchsorted(cdf, rng.random(n_tokens) * cdf[-1], side="right"),
+                       vocab_size - 1).astype(np.int32)
     return Corpus(vocab, ranks, ranks[:n_tokens // 10], ranks[:n_tokens // 10])
 
 
@@ -168,12 +198,22 @@ class Bench:
         self.generate_pass(tokens)
         return 1000 * _median_time(lambda: self.generate_pass(tokens), repeats) / tokens
 
+    def tail_rows(self):
+        """Under the adaptive softmax, the mean number of targets per window in each tail cluster, counted
+        in the windows ``train_pass`` times; None under the full softmax."""
+        m = self.cfg.model
+        if m.softmax != "adaptive":
+            return None
+        t, edges = self.cfg.train, m.adaptive_cutoffs + [self.V]
+        targets = [get_batch(self.trainer.train_data, k * t.bptt, t.bptt)[1] for k in range(self.steps)]
+        return [float(np.mean([((y >= a) & (y < b)).sum() for y in targets])) for a, b in zip(edges, edges[1:])]
+
     def limit_seconds(self):
         """Per window: the matrix products at their best measured rates, for training and for
         evaluation (forward only).  Returns (training s, evaluation s, training FLOPs, rows)."""
-        t, B = self.cfg.train, self.local_batch
-        products = training_products(self.cfg.model, self.V, B, t.bptt)
-        forward = training_products(self.cfg.model, self.V, B, t.bptt, backward=False)
+        t, B, rows = self.cfg.train, self.local_batch, self.tail_rows()
+        products = training_products(self.cfg.model, self.V, B, t.bptt, tail_rows=rows)
+        forward = training_products(self.cfg.model, self.V, B, t.bptt, backward=False, tail_rows=rows)
         seconds = {(m, k, n): best_product_time(m, k, n, self.model.dtype) for _, m, k, n, _ in products}
         total = lambda ps: sum(seconds[(m, k, n)] * count for _, m, k, n, count in ps)  # noqa: E731
         rows = [{"product": name, "shape": [m, k, n], "count": count,
@@ -192,7 +232,8 @@ def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
     return {
         "config": {"emb_size": cfg.model.emb_size, "hidden_size": cfg.model.hidden_size,
                    "num_layers": cfg.model.num_layers, "dropout": cfg.model.dropout,
-                   "tie_weights": cfg.model.tie_weights, "vocab_size": vocab_size,
+                   "tie_weights": cfg.model.tie_weights, "vocab_size": vocab_size, "softmax": cfg.model.softmax,
+                   "adaptive_cutoffs": cfg.model.adaptive_cutoffs, "tail_rows": b.tail_rows(),
                    "batch_size": t.batch_size, "bptt": t.bptt, "optimizer": t.optimizer, "dtype": t.dtype},
         "ranks": world.size,
         "threads": {"blas": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
@@ -220,6 +261,8 @@ def format_report(r):
         f"model: emb {c['emb_size']}, {c['num_layers']} x {c['hidden_size']}, dropout {c['dropout']}, "
         f"tied {c['tie_weights']}, vocabulary {c['vocab_size']:,}; batch {c['batch_size']}, bptt {c['bptt']}, "
         f"{c['optimizer']}, {c['dtype']}",
+        *([f"softmax     adaptive, cutoffs {c['adaptive_cutoffs']}; targets per window in each tail cluster: "
+           + ", ".join(f"{n:.1f}" for n in c["tail_rows"])] if c["softmax"] == "adaptive" else []),
         f"training    {r['train_tokens_per_s']:>10,.0f} tokens/s   {r['train_step_ms']:.1f} ms per window, "
         f"{r['train_gflop_s']:.0f} GFLOP/s ({r['flops_per_token'] / 1e6:.1f} MFLOP per token)",
         f"limit       {r['limit_step_ms']:>10.1f} ms per window at the best measured rate of each "

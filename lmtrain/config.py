@@ -108,6 +108,16 @@ class ModelConfig:
     forget_bias: float = option(0.0, "initial bias of the LSTM forget gate; 1 or more makes early memory "
                                 "longer-lived")
     orthogonal_recurrent: bool = option(False, "initialise each gate block of W_h as an orthogonal matrix")
+    softmax: str = option("full", "full: one softmax over the whole vocabulary; adaptive: Grave et al.'s adaptive "
+                          "softmax (a head over the most frequent words and one entry per tail cluster; each "
+                          "cluster behind a smaller projection): exact probabilities at a fraction of the cost "
+                          "for vocabularies of tens of thousands of words and more", choices=["full", "adaptive"])
+    adaptive_cutoffs: typing.Optional[typing.List[int]] = option(
+        None, "adaptive: where the tail clusters start, e.g. [2000, 10000]: the head holds word ids 0-1999 "
+        "(<eos>, <unk> and the most frequent words), the first tail cluster ids 2000-9999, the second the rest; "
+        "strictly increasing, each below the vocabulary size", min=1)
+    adaptive_div: float = option(4.0, "adaptive: tail cluster i (from 0) projects the hidden state down to "
+                                 "hidden / div^(i+1) units (at least 1)", min=1.0)
 
 
 @dataclass
@@ -262,6 +272,11 @@ def _check_value(path, value, tp, meta, source):
         if value is None:
             return None
         tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if typing.get_origin(tp) is list:  # model.adaptive_cutoffs: each item is checked as a key of its own
+        if not isinstance(value, list):
+            null = " or null" if optional else ""
+            raise ConfigError(f"{source}'{path}' must be a list of integers{null}, e.g. [2000, 10000], got {value!r}")
+        return [_check_value(f"{path}[{k}]", v, typing.get_args(tp)[0], meta, source) for k, v in enumerate(value)]
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
@@ -332,6 +347,14 @@ def validate(cfg, source=""):
         missing = [k for k in ("train", "valid", "test") if getattr(d, k) is None]
         if missing:
             raise ConfigError(f"{source}data.source 'text' needs data.{missing[0]} (a file path)")
+    if m.softmax == "adaptive":
+        c = m.adaptive_cutoffs
+        if not c:
+            raise ConfigError(f"{source}model.softmax adaptive needs model.adaptive_cutoffs, the first word of "
+                              "each tail cluster, e.g. [2000, 10000]")
+        if any(b <= a for a, b in zip(c, c[1:])):
+            raise ConfigError(f"{source}model.adaptive_cutoffs must be strictly increasing (each tail cluster "
+                              f"needs at least one word), got {c}")
     s = d.synthetic
     if s.min_distance > s.max_distance:
         raise ConfigError(f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "

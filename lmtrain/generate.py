@@ -25,12 +25,13 @@ def encode_prompt(vocab, prompt):
 
 
 def _feed(model, ids, state):
-    """Run ids through the model; return the float64 logits after the last one and the state."""
-    logits = None
+    """Run ids through the model; return the float64 logits after the last one and the state (under the
+    adaptive softmax, the exact log-probabilities: logits of the same distribution)."""
+    out = None
     for i in range(0, len(ids), CHUNK):
         chunk = xp.asarray(np.asarray(ids[i:i + CHUNK], dtype=np.int32)[:, None])
-        logits, state = model.forward(chunk, state, train=False)
-    return to_numpy(logits[-1]).astype(np.float64), state
+        out, state = model.forward(chunk, state, train=False)
+    return to_numpy(model.scores(out[-1:])[0]).astype(np.float64), state
 
 
 def softmax(logits, temperature=1.0):

@@ -48,8 +48,8 @@ def _stream_hits(model, vocab, stories):
     ids = np.asarray(ids, np.int32)
     state, preds = model.init_state(1), []
     for i in range(0, len(ids) - 1, 512):
-        logits, state = model.forward(xp.asarray(ids[i:i + 512][:, None]), state)
-        preds.append(to_numpy(logits.argmax(axis=1)))
+        out, state = model.forward(xp.asarray(ids[i:i + 512][:, None]), state)
+        preds.append(to_numpy(model.scores(out).argmax(axis=1)))
     preds = np.concatenate(preds)
     return sum(int(preds[p - 1] == ids[p]) for p in answers[1:])  # the first story has no context
 

@@ -34,6 +34,7 @@ from lmtrain.data.batching import batchify, eval_streams, get_batch, window_star
 from lmtrain.data.sources import load_corpus
 from lmtrain.data.vocab import Vocab
 from lmtrain.errors import LmtrainError
+from lmtrain.nn.adaptive import check_cutoffs
 from lmtrain.nn.model import LanguageModel
 from lmtrain.optim import LRSchedule, clip_scale, grad_norm, make_optimizer
 from lmtrain.run_dir import MetricsLog, config_changes, prepare_run_dir, write_run_files
@@ -544,6 +545,8 @@ def fit(cfg, run_dir, overwrite=False, resume=None, quiet=False, echo=print, res
     # rank 0 first: it downloads and caches; the others then find the files
     corpus = world.main_first(lambda: load_corpus(cfg.data, log=say))
     world.on_every_rank(lambda: check_sizes(cfg, len(corpus.train), world))
+    if cfg.model.softmax == "adaptive":  # before the run directory is made, as the other checks
+        world.on_every_rank(lambda: check_cutoffs(cfg.model.adaptive_cutoffs, len(corpus.vocab)))
     if ckpt is not None:
         world.on_every_rank(lambda: check_vocab(ckpt, corpus.vocab))
 

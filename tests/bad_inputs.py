@@ -30,6 +30,11 @@ def write(path, content):
         fh.write(content)
 
 
+def adaptive_cutoffs(cutoffs):
+    """A setup writing c.yaml with the adaptive softmax and these cutoffs (YAML text)."""
+    return lambda: write("c.yaml", f"model: {{softmax: adaptive, adaptive_cutoffs: {cutoffs}}}\n")
+
+
 def text_corpus(train="a b c\nd e\n", valid="a b\n", test="c d\n", extra=""):
     """Files for data.source: text, and a config pointing at them."""
     for name, content in (("train", train), ("valid", valid), ("test", test)):
@@ -135,6 +140,20 @@ CASES = [
     ("tie-sizes", "tying with unequal sizes",
      lambda: write("c.yaml", "model: {emb_size: 10, hidden_size: 20, tie_weights: true}\n"), ["fit", "c.yaml"],
      "model.tie_weights needs model.emb_size == model.hidden_size", 2),
+    ("adaptive-no-cutoffs", "adaptive softmax without cutoffs", lambda: write("c.yaml", "model: {softmax: adaptive}\n"),
+     ["fit", "c.yaml"], "model.softmax adaptive needs model.adaptive_cutoffs", 2),
+    ("cutoffs-order", "adaptive cutoffs not increasing", adaptive_cutoffs("[2000, 500]"), ["fit", "c.yaml"],
+     "model.adaptive_cutoffs must be strictly increasing", 2),
+    ("cutoffs-empty-cluster", "a tail cluster with no word (a cutoff twice)", adaptive_cutoffs("[500, 500]"),
+     ["fit", "c.yaml"], "each tail cluster needs at least one word", 2),
+    ("cutoffs-not-list", "adaptive cutoffs given as one number", adaptive_cutoffs("2000"), ["fit", "c.yaml"],
+     "'model.adaptive_cutoffs' must be a list of integers or null", 2),
+    ("cutoffs-vocab", "a cutoff past the vocabulary", lambda: write("c.yaml", TINY),
+     ["fit", "c.yaml", "--set", "model.softmax=adaptive", "--set", "model.adaptive_cutoffs=[10,2000]"],
+     "every cutoff must be below the vocabulary size", 2),
+    ("bench-cutoffs-vocab", "bench with a vocabulary below a cutoff", lambda: write("c.yaml", TINY),
+     ["bench", "c.yaml", "--vocab-size", "50", "--set", "model.softmax=adaptive", "--set",
+      "model.adaptive_cutoffs=[100]"], "every cutoff must be below the vocabulary size, 50 words", 2),
     ("text-no-path", "text source without a validation file",
      lambda: write("c.yaml", "data: {source: text, train: a.txt, test: b.txt}\n"), ["fit", "c.yaml"],
      "data.source 'text' needs data.valid", 2),

@@ -95,3 +95,46 @@ def test_training_matches_pytorch(tied, layers, cell):
         assert loss == pytest.approx(tloss.item(), rel=1e-10)
         assert norm == pytest.approx(tnorm.item(), rel=1e-8)
     np.testing.assert_allclose(ours.params["embedding.weight"], ref.emb.weight.detach().numpy(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("tied_head", [False, True])
+def test_adaptive_softmax_matches_pytorch(tied_head):
+    """Loss, the whole table of log-probabilities and every gradient against AdaptiveLogSoftmaxWithLoss on
+    the same weights.  The mapping: PyTorch's head lists the c_0 words first and the clusters after them
+    (lmtrain: clusters first), its Linear layers multiply by W^T, and its projections have d // div^(i+1)
+    units as lmtrain's do.  Its tails have no bias; replacing each tail's output layer by one with a bias
+    gives the equivalent model (its forward calls the tail modules as they are)."""
+    from tests.test_adaptive import adaptive_layer
+    d, V, cutoffs, div = 16, 60, [8, 20, 35], 2.0
+    K = len(cutoffs)
+    ours = adaptive_layer(d, V, cutoffs, div, seed=21, tied_head=tied_head)
+    ref = torch.nn.AdaptiveLogSoftmaxWithLoss(d, V, cutoffs, div_value=div, head_bias=True).double()
+    head_rows = lambda a: a if tied_head else a.T  # noqa: E731  (K + c_0, d): one row per head column
+    torch_order = lambda a: np.concatenate([a[K:], a[:K]])  # noqa: E731  clusters first -> words first
+    with torch.no_grad():
+        ref.head.weight.copy_(torch.from_numpy(torch_order(head_rows(ours.params["head.weight"]))))
+        ref.head.bias.copy_(torch.from_numpy(torch_order(ours.params["head.bias"])))
+        for i, tail in enumerate(ref.tail):
+            T = ours.params[f"tail.{i}.weight"]
+            tail[0].weight.copy_(torch.from_numpy(ours.params[f"tail.{i}.proj"].T))
+            tail[1] = torch.nn.Linear(*T.shape).double()
+            tail[1].weight.copy_(torch.from_numpy(T.T))
+            tail[1].bias.copy_(torch.from_numpy(ours.params[f"tail.{i}.bias"]))
+    rng = np.random.default_rng(22)
+    h = rng.standard_normal((40, d))
+    targets = np.concatenate([[0, 7, 8, 19, 20, 34, 35, 59], rng.integers(0, V, size=32)])  # every cluster's edges
+    th = torch.from_numpy(h).requires_grad_(True)
+    result = ref(th, torch.from_numpy(targets))
+    result.loss.backward()
+
+    assert ours.forward(h, targets)[0] == pytest.approx(result.loss.item(), rel=1e-12)
+    dh = ours.backward()
+    np.testing.assert_allclose(ours.log_probs(h), ref.log_prob(th).detach().numpy(), rtol=1e-12, atol=1e-12)
+    close = lambda a, b: np.testing.assert_allclose(a, b.grad.numpy(), rtol=1e-9, atol=1e-12)  # noqa: E731
+    close(dh, th)
+    close(torch_order(head_rows(ours.grads["head.weight"])), ref.head.weight)
+    close(torch_order(ours.grads["head.bias"]), ref.head.bias)
+    for i, tail in enumerate(ref.tail):
+        close(ours.grads[f"tail.{i}.proj"].T, tail[0].weight)
+        close(ours.grads[f"tail.{i}.weight"].T, tail[1].weight)
+        close(ours.grads[f"tail.{i}.bias"], tail[1].bias)

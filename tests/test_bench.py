@@ -27,3 +27,32 @@ def test_bench_command_reports_every_figure(tiny_config):
         assert report[key] > 0, key
     assert len(report["products"]) == 9
     assert report["eval_limit_tokens_per_s"] > 0
+
+
+def test_adaptive_products_count_each_cluster_on_its_rows():
+    """Head on every row; a tail cluster's six products on its rows only, none when it gets none."""
+    cfg = ModelConfig(emb_size=256, hidden_size=256, softmax="adaptive", adaptive_cutoffs=[20000, 60000])
+    V, N = 267735, 20 * 35
+    products = {name: (m, k, n) for name, m, k, n, _ in training_products(cfg, V, 20, 35, tail_rows=[24.6, 220])}
+    assert products["head [h, 1] A (window)"] == (N, 257, 20002)
+    assert products["tail 0 h P (its rows)"] == (25, 256, 64)
+    assert products["tail 1 [u, 1] T (its rows)"] == (220, 17, 207735)
+    assert products["tail 1 du P^T (its rows)"] == (220, 16, 256)
+    assert not any("decoder" in name for name in products)
+    assert len(training_products(cfg, V, 20, 35, tail_rows=[0.0, 220])) == len(products) - 6
+    full = ModelConfig(emb_size=256, hidden_size=256)
+    assert flops(training_products(full, V, 20, 35)) > 9 * flops(training_products(cfg, V, 20, 35,
+                                                                                     tail_rows=[24.6, 220]))
+
+
+def test_bench_times_an_adaptive_model(tiny_config):
+    proc = subprocess.run([sys.executable, "-m", "lmtrain", "bench", str(tiny_config), "--steps", "2",
+                           "--repeats", "1", "--vocab-size", "300", "--set", "model.softmax=adaptive",
+                           "--set", "model.adaptive_cutoffs=[20,100]", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    rows = report["config"]["tail_rows"]
+    assert report["config"]["softmax"] == "adaptive" and len(rows) == 2 and sum(rows) > 0
+    names = [p["product"] for p in report["products"]]
+    assert names.count("head [h, 1] A (window)") == 1 and any(n.startswith("tail 1 ") for n in names)
+    assert report["train_tokens_per_s"] > 0 and report["generate_ms_per_token"] > 0

@@ -7,6 +7,7 @@ from lmtrain.nn.cells import CELLS, LSTMCell, Recurrent
 from lmtrain.nn.layers import Dropout, Embedding, Linear, SoftmaxCrossEntropy
 from lmtrain.nn.model import LanguageModel
 from tests.gradcheck import numerical_grad, rel_error
+from tests.test_adaptive import adaptive_layer
 
 TOL = 1e-6
 
@@ -100,6 +101,32 @@ def test_softmax_handles_logits_that_overflow_or_underflow_exp():
     np.testing.assert_allclose(d, p / 3, atol=1e-7)
 
 
+@pytest.mark.parametrize("tied_head,weighted,empty_cluster", [(False, False, False), (True, True, False),
+                                                              (False, True, True)])
+def test_adaptive_softmax(tied_head, weighted, empty_cluster):
+    """The layer alone: head, projections, tail outputs and biases, and the input rows.  With an empty
+    cluster (no target in it this window) its gradients must be zero, not left over from the last call."""
+    rng = np.random.default_rng(11)
+    layer = adaptive_layer(5, 17, [4, 9], 2.0, seed=12, tied_head=tied_head)
+    h = rng.standard_normal((8, 5))
+    targets = np.array([0, 3, 16, 12, 2, 15, 1, 10]) if empty_cluster else np.array([0, 5, 16, 7, 3, 9, 12, 4])
+    weights = np.array([1, 1, 0, 1, 0.5, 1, 1, 1]) if weighted else None
+
+    def loss():
+        return layer.forward(h, targets, weights)[0]
+
+    loss()
+    for g in layer.grads.values():
+        g[...] = 7.0  # stale values that backward must overwrite
+    dh = layer.backward().copy()
+    analytic = {k: g.copy() for k, g in layer.grads.items()}
+    for name, p in layer.params.items():
+        assert rel_error(analytic[name], numerical_grad(loss, p)) < TOL, name
+    assert rel_error(dh, numerical_grad(loss, h)) < TOL
+    if empty_cluster:
+        assert not analytic["tail.0.proj"].any() and not analytic["tail.0.weight"].any()
+
+
 def test_lstm_cell_step():
     """One step of the cell, through its pre-activations and previous cell state."""
     rng = np.random.default_rng(6)
@@ -181,14 +208,30 @@ def test_recurrent_window_with_state(cell):
                                                      (True, 0.3, 2, "rnn")])
 def test_whole_model_across_two_windows(tied, dropout, layers, cell):
     """The full model, second window continuing the first one's state (held fixed, as truncated BPTT does)."""
-    cfg = ModelConfig(emb_size=6, hidden_size=6, num_layers=layers, dropout=dropout, tie_weights=tied,
-                      init="uniform", init_scale=0.5, cell=cell)
+    check_whole_model(ModelConfig(emb_size=6, hidden_size=6, num_layers=layers, dropout=dropout, tie_weights=tied,
+                                  init="uniform", init_scale=0.5, cell=cell))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_whole_model_with_adaptive_softmax(tied):
+    """Head words, both tail clusters and (tied) the embedding rows shared with the head, in both windows.
+    Weights of scale 1: at 0.5 some gradients are so small (~2e-3) that rounding in the differences
+    alone reaches the tolerance."""
+    check_whole_model(ModelConfig(emb_size=6, hidden_size=6, num_layers=2, dropout=0.3, tie_weights=tied,
+                                  init="uniform", init_scale=1.0, softmax="adaptive", adaptive_cutoffs=[4, 8],
+                                  adaptive_div=2.0))
+
+
+def check_whole_model(cfg):
     V, T, B = 13, 4, 3
     model = LanguageModel(cfg, V, seed=3, dtype="float64")
     rng = np.random.default_rng(9)
     stream = rng.integers(0, V, size=(2 * T + 1, B))
     x1, y1 = stream[:T], stream[1:T + 1]
     x2, y2 = stream[T:2 * T], stream[T + 1:]
+    if cfg.softmax == "adaptive":  # the head and every tail cluster get targets in both windows
+        edges = [0, *cfg.adaptive_cutoffs, V]
+        assert all(((y >= a) & (y < b)).any() for y in (y1, y2) for a, b in zip(edges, edges[1:]))
 
     for x, y, state in [(x1, y1, model.init_state(B)), (x2, y2, None)]:
         if state is None:  # the second window starts from the first one's final state

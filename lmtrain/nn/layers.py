@@ -12,6 +12,18 @@ import numpy as np
 from lmtrain.backend import parallel_rows, xp
 
 
+def row_buffer(buf, n, cols, dtype, new=xp.empty):
+    """``buf`` when it has at least ``n`` rows of ``cols`` columns of ``dtype``, else ``new((n, cols), dtype)``.
+
+    Layers keep their large buffers from call to call (a fresh (N, V) array each step costs page
+    faults) and read the first N rows, so a row count that varies (a tail cluster of the adaptive
+    softmax, the last window of an evaluation) does not reallocate them.
+    """
+    if buf is None or buf.shape[0] < n or buf.shape[1] != cols or buf.dtype != dtype:
+        return new((n, cols), dtype)
+    return buf
+
+
 class Embedding:
     """ids (T, B) -> vectors (T, B, E): row ``ids[t, b]`` of ``weight`` (V, E).
 
@@ -24,9 +36,10 @@ class Embedding:
     def __init__(self, weight, grad=None, word_drop=0.0, rng=None):
         self.params = {"weight": weight}
         self.grads = {"weight": xp.zeros_like(weight) if grad is None else grad}
-        # With tied weights the decoder writes its part of this gradient first
-        # and the embedding adds to it (see LanguageModel).
-        self.accumulate = False
+        # With tied weights the decoder writes the gradient of the first rows (all of them under the
+        # full softmax, the head's words under the adaptive one) and the embedding adds to it; the
+        # rows after them are zeroed first (see LanguageModel).
+        self.rows_written = 0
         self.word_drop = float(word_drop)
         self.rng = rng
         self.frozen = False
@@ -53,8 +66,7 @@ class Embedding:
         if self.scale is not None:
             dout = dout * self.scale
         grad = self.grads["weight"]
-        if not self.accumulate:
-            grad.fill(0)
+        grad[self.rows_written:].fill(0)
         E = grad.shape[1]
         # Common words repeat within a window, so rows must be summed, not
         # assigned: sort the ids once and add each run of equal ids with one
@@ -87,16 +99,21 @@ class Linear:
         else:
             self.params = {"weight": block[:-1], "bias": block[-1]}
             self.grads = {"weight": grad_block[:-1], "bias": grad_block[-1]}
-        self.x1 = None
+        self.x1 = self.x1_buf = self.out_buf = None
 
     def forward(self, x):
         N, I = x.shape
-        if self.x1 is None or self.x1.shape[0] != N or self.x1.dtype != x.dtype:
-            # Reused from call to call: a fresh (N, O) array each step costs page faults.
-            self.x1 = xp.ones((N, I + 1), x.dtype)  # [x, 1]; the ones column is written once
-            self.out = xp.empty((N, self.block.shape[0] if self.transposed else self.block.shape[1]), x.dtype)
+        O = self.block.shape[0] if self.transposed else self.block.shape[1]
+        self.x1_buf = row_buffer(self.x1_buf, N, I + 1, x.dtype, xp.ones)  # [x, 1]: the ones column is written once
+        self.out_buf = row_buffer(self.out_buf, N, O, x.dtype)
+        self.x1 = self.x1_buf[:N]
         self.x1[:, :I] = x
-        return xp.matmul(self.x1, self.block.T if self.transposed else self.block, out=self.out)
+        return xp.matmul(self.x1, self.block.T if self.transposed else self.block, out=self.out_buf[:N])
+
+    def affine(self, x):
+        """x W + b in a new array, leaving the buffers ``backward`` reads untouched."""
+        W, b = self.params["weight"], self.params["bias"]
+        return (x @ W.T if self.transposed else x @ W) + b
 
     def backward(self, dout):
         if self.transposed:
@@ -162,16 +179,19 @@ class SoftmaxCrossEntropy:
 
     def __init__(self):
         self.params, self.grads = {}, {}
-        self.exps = None
+        self.exps = self.exps_buf = None
 
-    def forward(self, logits, targets, weights=None):
-        """Returns (mean loss, summed loss, summed weight); keeps exp(logits) for backward."""
+    def forward(self, logits, targets, weights=None, divisor=None):
+        """Returns (mean loss, summed loss, summed weight); keeps exp(logits) for backward.
+
+        ``divisor``, when given, replaces the summed weight as the divisor of the mean (the adaptive
+        softmax divides each tail cluster's NLL by the count of all the window's targets).
+        """
         N, V = logits.shape
         t = targets.reshape(-1).astype(np.intp)
         rows = xp.arange(N)
-        if self.exps is None or self.exps.shape != logits.shape or self.exps.dtype != logits.dtype:
-            self.exps = xp.empty_like(logits)
-        exps = self.exps
+        self.exps_buf = row_buffer(self.exps_buf, N, V, logits.dtype)
+        self.exps = exps = self.exps_buf[:N]
         sums = xp.empty(N, logits.dtype)
 
         def exp_and_sum(a, b):
@@ -196,7 +216,7 @@ class SoftmaxCrossEntropy:
             self.weights = w
             count = float(w.sum(dtype=np.float64))
             loss_sum = float((nll * w).sum(dtype=np.float64))
-        self.count = max(count, 1.0)
+        self.count = max(count if divisor is None else divisor, 1.0)
         return loss_sum / self.count, loss_sum, count
 
     def backward(self):

@@ -7,6 +7,12 @@ element or locked across time (``dropout_mode``).  Embedding dropout removes
 whole words and weight drop masks W_h (AWD-LSTM, Merity et al. 2017).  With
 ``tie_weights`` the decoder uses the embedding matrix: logits = h E^T + b.
 
+With ``softmax: adaptive`` the decoder and the softmax are one layer,
+``AdaptiveSoftmax`` (lmtrain/nn/adaptive.py): ``forward`` then returns the
+decoder's input rows instead of logits, ``loss`` reads them with the
+targets, and ``scores`` gives the exact (N, V) log-probabilities.  Tied, the
+head's word rows are the embedding rows of the head words.
+
 Training may add activation regularisation, ar * mean(h_drop^2) on the last
 layer's dropped output, and temporal activation regularisation,
 tar * mean((h_t - h_{t-1})^2) on its output before dropout.  ``loss`` returns
@@ -15,6 +21,7 @@ the NLL alone (what perplexity measures); ``objective`` includes them.
 import numpy as np
 
 from lmtrain.backend import xp
+from lmtrain.nn.adaptive import AdaptiveSoftmax, check_cutoffs, tail_shapes
 from lmtrain.nn.cells import CELLS, Recurrent
 from lmtrain.nn.layers import Dropout, Embedding, Linear, SoftmaxCrossEntropy
 from lmtrain.nn.params import ParamStore
@@ -72,9 +79,22 @@ def init_params(cfg, vocab_size, rng, dtype):
         for name, shape in cell.extra_params.items():
             params[p + name] = weight(shape(H), H, H) if cfg.init in ("pytorch", "awd") else np.zeros(shape(H))
     H = sizes[-1]
+    bias = lambda n, fan_in: weight((n,), fan_in) if cfg.init == "pytorch" else np.zeros(n)  # noqa: E731
+    if cfg.softmax == "adaptive":
+        K, c0 = len(cfg.adaptive_cutoffs), cfg.adaptive_cutoffs[0]
+        if cfg.tie_weights:  # the head's word rows are embedding rows; its cluster rows are its own
+            params["adaptive.head.cluster_weight"] = weight((K, H), H)
+        else:
+            params["adaptive.head.weight"] = weight((H, K + c0), H)
+        params["adaptive.head.bias"] = bias(K + c0, H)
+        for i, (d, n) in enumerate(tail_shapes(H, V, cfg.adaptive_cutoffs, cfg.adaptive_div)):
+            params[f"adaptive.tail.{i}.proj"] = weight((H, d), H)
+            params[f"adaptive.tail.{i}.weight"] = weight((d, n), d)
+            params[f"adaptive.tail.{i}.bias"] = bias(n, d)
+        return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}
     if not cfg.tie_weights:
         params["decoder.weight"] = weight((H, V), H)
-    params["decoder.bias"] = weight((V,), H) if cfg.init == "pytorch" else np.zeros(V)
+    params["decoder.bias"] = bias(V, H)
     return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}
 
 
@@ -90,6 +110,9 @@ class LanguageModel:
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.dtype = np.dtype(dtype)
+        adaptive = cfg.softmax == "adaptive"
+        if adaptive:
+            check_cutoffs(cfg.adaptive_cutoffs, vocab_size)
         init_rng = np.random.default_rng([seed, 0])
         self.dropout_rng = np.random.default_rng([seed, 1])
         values = init_params(cfg, vocab_size, init_rng, self.dtype)
@@ -101,7 +124,17 @@ class LanguageModel:
         # weight: as an extra row of the (H+1, V) block, or, tied, as an extra
         # column of the (V, E+1) embedding block.
         store = ParamStore(self.dtype)
-        if cfg.tie_weights:
+        if adaptive:
+            K, c0 = len(cfg.adaptive_cutoffs), cfg.adaptive_cutoffs[0]
+            shapes = tail_shapes(H, V, cfg.adaptive_cutoffs, cfg.adaptive_div)
+        if adaptive and cfg.tie_weights:
+            # The head's K cluster rows come first and the embedding rows after them, so rows [0, K + c0)
+            # are the whole head, [cluster rows; head words' embedding rows], with the head bias as its
+            # extra column: one product.  That column is unused (zero) below the head words.
+            store.block("embedding", (K + V, E + 1), {"adaptive.head.cluster_weight": np.s_[:K, :E],
+                                                      "embedding.weight": np.s_[K:, :E],
+                                                      "adaptive.head.bias": np.s_[:K + c0, E]})
+        elif cfg.tie_weights:
             store.block("embedding", (V, E + 1), {"embedding.weight": np.s_[:, :E], "decoder.bias": np.s_[:, E]})
         else:
             store.block("embedding", (V, E), {"embedding.weight": np.s_[:]})
@@ -109,7 +142,15 @@ class LanguageModel:
         for i in range(cfg.num_layers):
             for key in keys:
                 store.block(f"rnn.{i}.{key}", values[f"rnn.{i}.{key}"].shape, {f"rnn.{i}.{key}": np.s_[:]})
-        if not cfg.tie_weights:
+        if adaptive:
+            if not cfg.tie_weights:
+                store.block("adaptive.head", (H + 1, K + c0), {"adaptive.head.weight": np.s_[:H],
+                                                               "adaptive.head.bias": np.s_[H]})
+            for i, (d, n) in enumerate(shapes):
+                t = f"adaptive.tail.{i}"
+                store.block(t + ".proj", (H, d), {t + ".proj": np.s_[:]})
+                store.block(t, (d + 1, n), {t + ".weight": np.s_[:d], t + ".bias": np.s_[d]})
+        elif not cfg.tie_weights:
             store.block("decoder", (H + 1, V), {"decoder.weight": np.s_[:H], "decoder.bias": np.s_[H]})
         self.store = store.build(order=list(values))
         for name, value in values.items():
@@ -126,12 +167,24 @@ class LanguageModel:
         rate_in, rate_hidden, rate_out = dropout_rates(cfg)
         rates = [rate_in] + [rate_hidden] * (cfg.num_layers - 1) + [rate_out]
         self.dropouts = [Dropout(r, rng, locked=cfg.dropout_mode == "locked") for r in rates]
-        block, grad_block = store.blocks["embedding" if cfg.tie_weights else "decoder"]
-        self.decoder = Linear(block, grad_block, transposed=cfg.tie_weights)
-        # Tied: the decoder writes the whole (V, E+1) gradient block first, then
-        # the embedding adds its rows to the weight part of it.
-        self.embedding.accumulate = cfg.tie_weights
-        self.loss_layer = SoftmaxCrossEntropy()
+        # Tied: the decoder writes the gradient of its rows of the embedding block
+        # first (all V of them; under the adaptive softmax, the head's), then the
+        # embedding adds its rows to the weight part of it.
+        if adaptive:
+            block, grad_block = store.blocks["embedding" if cfg.tie_weights else "adaptive.head"]
+            if cfg.tie_weights:
+                block, grad_block = block[:K + c0], grad_block[:K + c0]
+            tails = [(p[f"adaptive.tail.{i}.proj"], g[f"adaptive.tail.{i}.proj"],
+                      Linear(*store.blocks[f"adaptive.tail.{i}"])) for i in range(K)]
+            self.decoder = None  # the adaptive softmax is its own decoder
+            self.loss_layer = AdaptiveSoftmax(cfg.adaptive_cutoffs, V, Linear(block, grad_block, cfg.tie_weights),
+                                              tails)
+            self.embedding.rows_written = c0 if cfg.tie_weights else 0
+        else:
+            block, grad_block = store.blocks["embedding" if cfg.tie_weights else "decoder"]
+            self.decoder = Linear(block, grad_block, transposed=cfg.tie_weights)
+            self.loss_layer = SoftmaxCrossEntropy()
+            self.embedding.rows_written = V if cfg.tie_weights else 0
         self.ar = self.tar = 0.0
         self.reg_loss = 0.0
 
@@ -146,7 +199,7 @@ class LanguageModel:
         return self.store.grads
 
     def num_params(self):
-        return int(self.store.data.size)
+        return sum(int(p.size) for p in self.params.values())
 
     def load_params(self, arrays):
         """Copy arrays (by name) into the model's parameters, in place."""
@@ -170,7 +223,11 @@ class LanguageModel:
 
     # -- computation --------------------------------------------------------
     def forward(self, ids, state, train=False):
-        """ids (T, B) -> logits (T*B, V) and the state after the window."""
+        """ids (T, B) -> logits (T*B, V) and the state after the window.
+
+        Under the adaptive softmax the first result is the decoder's input (T*B, H) instead: what
+        ``loss`` and ``scores`` read.
+        """
         x = self.embedding.forward(ids, train)
         x = self.dropouts[0].forward(x, train)
         new_state = []
@@ -182,8 +239,13 @@ class LanguageModel:
         self.regularize = train and (self.ar > 0 or self.tar > 0)
         self.reg_loss = self._reg_loss() if self.regularize else 0.0
         T, B, H = x.shape
-        logits = self.decoder.forward(x.reshape(T * B, H))
-        return logits, new_state
+        out = x.reshape(T * B, H)
+        return (out if self.decoder is None else self.decoder.forward(out)), new_state
+
+    def scores(self, out):
+        """(N, V) next-word scores whose softmax is the model's distribution, from rows of ``forward``'s
+        first result: the logits themselves, or the adaptive softmax's exact log-probabilities."""
+        return out if self.decoder is not None else self.loss_layer.log_probs(out)
 
     def _reg_loss(self):
         h, hd = self.h_last, self.h_drop
@@ -193,9 +255,9 @@ class LanguageModel:
             loss += self.tar * float(xp.mean(diff * diff))
         return loss
 
-    def loss(self, logits, targets, weights=None):
-        """Mean NLL of ``targets`` (T, B), the quantity perplexity is made of."""
-        mean, self.loss_sum, self.loss_count = self.loss_layer.forward(logits, targets, weights)
+    def loss(self, out, targets, weights=None):
+        """Mean NLL of ``targets`` (T, B), the quantity perplexity is made of; ``out`` is what ``forward`` returned."""
+        mean, self.loss_sum, self.loss_count = self.loss_layer.forward(out, targets, weights)
         self.objective = mean + self.reg_loss
         return mean
 
@@ -205,7 +267,8 @@ class LanguageModel:
         Returns d objective / d (initial state), per layer.
         """
         d = self.loss_layer.backward()
-        d = self.decoder.backward(d)
+        if self.decoder is not None:
+            d = self.decoder.backward(d)
         T, B = self.embedding.ids.shape
         d = d.reshape(T, B, -1)
         if self.regularize and self.ar:
