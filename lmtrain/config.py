@@ -155,7 +155,9 @@ class TrainConfig:
     tar: float = option(0.0, "temporal activation regularisation: tar * mean((h_t - h_{t-1})^2) of the last "
                         "layer's output", min=0.0)
     time_budget: typing.Optional[float] = option(None, "minutes: stop training early enough that the final "
-                                                 "validation, test and checkpoints finish within this time",
+                                                 "validation, test and checkpoints finish within this time; how many "
+                                                 "steps that is, and so the result, depends on the machine's "
+                                                 "speed and load (epochs and max_steps do not)",
                                                  min=0.0, min_exclusive=True)
     state_reset_prob: float = option(0.0, "chance that a stream's carried state is zeroed at a window start; "
                                      "above 0 the model also learns to start from an empty state, as "
