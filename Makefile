@@ -7,7 +7,7 @@ PROMPT := tom was watching tv in his room . mary came into the room . mary said 
 .PHONY: help install dev quickstart test test-slow recall-seeds docs clean
 
 help:
-	@echo "make quickstart   install into .venv, train on the built-in stories (~2 min), generate"
+	@echo "make quickstart   install into .venv, train on the built-in stories (~4 min), generate"
 	@echo "make test         install the dev extras into .venv and run the test suite"
 	@echo "make test-slow    the long checks too (full PTB runs; they find PTB through LMTRAIN_PTB_DIR)"
 	@echo "make recall-seeds the recall table of docs/why-lstm.md: 11 runs of ~9 min, then the probe (~1.7 h)"

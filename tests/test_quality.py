@@ -1,6 +1,6 @@
 """Quality claims, each from a run made for it.
 
-The quickstart check runs by default (about two minutes, one seed); the
+The quickstart check runs by default (about four minutes, one seed); the
 quickstart's other seeds, the recall preset (about 9 minutes a seed) and the
 PTB presets (five minutes to an hour each) are marked slow (`make test-slow`).
 """
