@@ -13,6 +13,7 @@ is the slowest rank's, and the limit is that of one rank's products.  The
 report adds the time of one Allreduce of the gradient buffer, the
 communication in each step.
 """
+import functools
 import math
 import os
 import resource
@@ -198,9 +199,10 @@ class Bench:
         self.generate_pass(tokens)
         return 1000 * _median_time(lambda: self.generate_pass(tokens), repeats) / tokens
 
+    @functools.cached_property
     def tail_rows(self):
         """Under the adaptive softmax, the mean number of targets per window in each tail cluster, counted
-        in the windows ``train_pass`` times; None under the full softmax."""
+        in the windows ``train_pass`` times (once per bench); None under the full softmax."""
         m = self.cfg.model
         if m.softmax != "adaptive":
             return None
@@ -211,7 +213,7 @@ class Bench:
     def limit_seconds(self):
         """Per window: the matrix products at their best measured rates, for training and for
         evaluation (forward only).  Returns (training s, evaluation s, training FLOPs, rows)."""
-        t, B, rows = self.cfg.train, self.local_batch, self.tail_rows()
+        t, B, rows = self.cfg.train, self.local_batch, self.tail_rows
         products = training_products(self.cfg.model, self.V, B, t.bptt, tail_rows=rows)
         forward = training_products(self.cfg.model, self.V, B, t.bptt, backward=False, tail_rows=rows)
         seconds = {(m, k, n): best_product_time(m, k, n, self.model.dtype) for _, m, k, n, _ in products}
@@ -233,7 +235,7 @@ def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
         "config": {"emb_size": cfg.model.emb_size, "hidden_size": cfg.model.hidden_size,
                    "num_layers": cfg.model.num_layers, "dropout": cfg.model.dropout,
                    "tie_weights": cfg.model.tie_weights, "vocab_size": vocab_size, "softmax": cfg.model.softmax,
-                   "adaptive_cutoffs": cfg.model.adaptive_cutoffs, "tail_rows": b.tail_rows(),
+                   "adaptive_cutoffs": cfg.model.adaptive_cutoffs, "tail_rows": b.tail_rows,
                    "batch_size": t.batch_size, "bptt": t.bptt, "optimizer": t.optimizer, "dtype": t.dtype},
         "ranks": world.size,
         "threads": {"blas": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
