@@ -94,8 +94,9 @@ def save_checkpoint(path, params, meta, groups=None):
 class Checkpoint:
     """A verified checkpoint: ``meta`` (dict), ``params`` and ``groups[prefix]`` (name -> array)."""
 
-    def __init__(self, path, meta, params, groups):
+    def __init__(self, path, meta, params, groups, sha256=""):
         self.path, self.meta, self.params, self.groups = path, meta, params, groups
+        self.sha256 = sha256  # the verified checksum of the file's arrays
 
     def group(self, prefix):
         return self.groups.get(prefix, {})
@@ -146,7 +147,7 @@ def load_checkpoint(path):
     missing = [n for n in meta.get("param_names", []) if n not in params]
     if missing:
         raise CheckpointError(f"{path} lacks parameter '{missing[0]}'")
-    return Checkpoint(path, meta, params, groups)
+    return Checkpoint(path, meta, params, groups, str(stored))
 
 
 def model_from_checkpoint(ckpt, dtype=None):

@@ -75,40 +75,139 @@ def fit(config, overrides, run_dir, resume, overwrite, quiet, debug):
     world.barrier()  # no rank leaves while rank 0 still writes (a launcher may stop the job when one ends)
 
 
+def _load_for_eval(ckpt, as_json):
+    """(checkpoint, model, vocab, config, corpus loader) of a checkpoint to evaluate."""
+    from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
+    from lmtrain.data.sources import load_corpus
+
+    loaded = load_checkpoint(ckpt)
+    model, vocab, cfg = model_from_checkpoint(loaded)
+    quiet = lambda *a, **k: None  # noqa: E731  keep stdout clean for --json
+    return loaded, model, vocab, cfg, lambda: load_corpus(cfg.data, log=quiet if as_json else click.echo)
+
+
+def _dyn_stats(loaded, model, cfg, corpus, as_json):
+    from lmtrain.adapt import gradient_stats
+    return gradient_stats(model, corpus.train, cfg.train.bptt, loaded.path, loaded.sha256,
+                          echo=(lambda *a: None) if as_json else click.echo)
+
+
 @cli.command("eval")
 @click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (.npz) to evaluate.")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="test", show_default=True,
               help="Split of the checkpoint's corpus.")
 @click.option("--text", "text_file", type=click.Path(), help="Evaluate on this text file instead of a split.")
 @click.option("--batch-size", type=click.IntRange(min=1),
-              help="Parallel streams (default: the run's train.eval_batch_size).")
+              help="Parallel streams (default: the run's train.eval_batch_size; 1 with --cache or --dynamic).")
+@click.option("--cache", is_flag=True, help="Add the neural cache (Grave et al. 2017) over recent hidden states.")
+@click.option("--cache-window", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Cache: pairs (hidden state, next word) kept, the latest N.")
+@click.option("--cache-theta", type=click.FloatRange(min=0), default=0.3, show_default=True,
+              help="Cache: sharpness of the match between hidden states.")
+@click.option("--cache-lambda", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Cache: its weight in the mixture with the model.")
+@click.option("--dynamic", is_flag=True, help="Add dynamic evaluation (Krause et al. 2018): adapt the weights "
+              "to each segment after scoring it.")
+@click.option("--dyn-lr", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Dynamic evaluation: step size of the RMS-normalised update.")
+@click.option("--dyn-decay", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Dynamic evaluation: pull back towards the trained weights, per step.")
+@click.option("--dyn-segment", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Dynamic evaluation: tokens scored between two updates.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @debug_option
-def eval_cmd(ckpt, split, text_file, batch_size, as_json, debug):
-    """Perplexity of a checkpoint over a whole split or file."""
-    from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
+def eval_cmd(ckpt, split, text_file, batch_size, cache, cache_window, cache_theta, cache_lambda, dynamic, dyn_lr,
+             dyn_decay, dyn_segment, as_json, debug):
+    """Perplexity of a checkpoint over a whole split or file; with --cache and/or --dynamic, beside the
+    base perplexity of the same stream (batch 1), each method's (docs/evaluation.md)."""
+    import time
+
     from lmtrain.data.corpus import encode_file
-    from lmtrain.data.sources import load_corpus
     from lmtrain.train import evaluate
 
-    model, vocab, cfg = model_from_checkpoint(load_checkpoint(ckpt))
+    if (cache or dynamic) and batch_size not in (None, 1):
+        raise LmtrainError("--cache and --dynamic read the split as one stream: --batch-size must be 1")
+    loaded, model, vocab, cfg, corpus_of = _load_for_eval(ckpt, as_json)
+    corpus = None
     if text_file:
         ids = encode_file(text_file, vocab)
         if len(ids) < 2:
             raise LmtrainError(f"text file {text_file} has too few tokens to evaluate")
         source = text_file
     else:
-        quiet = lambda *a, **k: None  # noqa: E731  keep stdout clean for --json
-        ids = load_corpus(cfg.data, log=quiet if as_json else click.echo).split(split)
-        source = split
-    batch_size = batch_size or cfg.train.eval_batch_size
-    loss, ppl, count = evaluate(model, ids, batch_size, cfg.train.bptt)
+        corpus = corpus_of()
+        ids, source = corpus.split(split), split
+    if not (cache or dynamic):
+        batch_size = batch_size or cfg.train.eval_batch_size
+        t0 = time.perf_counter()
+        loss, ppl, count = evaluate(model, ids, batch_size, cfg.train.bptt)
+        if as_json:
+            click.echo(json.dumps({"ckpt": ckpt, "split": source, "loss": loss, "ppl": ppl, "tokens": count,
+                                   "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 2)}))
+        else:
+            click.echo(f"{source} perplexity {ppl:.2f} (loss {loss:.4f}) over {count:,} tokens, batch size "
+                       f"{batch_size}, checkpoint {ckpt}")
+        return
+
+    from lmtrain import adapt
+    cache_settings = dict(window=cache_window, theta=cache_theta, lam=cache_lambda) if cache else None
+    dyn_settings = dict(lr=dyn_lr, decay=dyn_decay, segment=dyn_segment) if dynamic else None
+    ms = _dyn_stats(loaded, model, cfg, corpus or corpus_of(), as_json) if dynamic else None
+    window = dyn_segment if dynamic else cfg.train.bptt
+    results = adapt.run(model, ids, window, cache_settings, dyn_settings, ms, progress=not as_json)
     if as_json:
-        click.echo(json.dumps({"ckpt": ckpt, "split": source, "loss": loss, "ppl": ppl, "tokens": count,
-                               "batch_size": batch_size}))
+        click.echo(json.dumps({"ckpt": ckpt, "split": source, "tokens": results["base"]["tokens"], "batch_size": 1,
+                               "window": window, "cache": cache_settings, "dynamic": dyn_settings,
+                               "results": results}))
+        return
+    base = results["base"]["ppl"]
+    click.echo(f"{source}, {results['base']['tokens']:,} tokens, one stream, checkpoint {ckpt}")
+    for name, r in results.items():
+        change = "" if name == "base" else f"  ({100 * (r['ppl'] / base - 1):+.1f}%)"
+        click.echo(f"  {name:<14} perplexity {r['ppl']:8.2f}{change}   {r['seconds']:.0f} s")
+
+
+@cli.command("tune-eval")
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (.npz) to tune for.")
+@click.option("--method", required=True, type=click.Choice(["cache", "dynamic"]), help="Method to tune.")
+@click.option("--tokens", type=click.IntRange(min=100),
+              help="Tune on the first N tokens of the validation split (default: all of it).")
+@click.option("--dyn-segment", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Dynamic evaluation: tokens scored between two updates.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@debug_option
+def tune_eval(ckpt, method, tokens, dyn_segment, as_json, debug):
+    """Search the settings of --cache or --dynamic on the validation split (the test split is never read)
+    and print the command that applies the best ones to the test split."""
+    import shlex
+    import time
+
+    from lmtrain import adapt
+
+    loaded, model, vocab, cfg, corpus_of = _load_for_eval(ckpt, as_json)
+    corpus = corpus_of()
+    valid = corpus.valid[:tokens] if tokens else corpus.valid
+    t0 = time.perf_counter()
+    if method == "cache":
+        rows, base = adapt.tune_cache(model, valid, cfg.train.bptt, progress=not as_json)
+        best = rows[0]
+        flags = f"--cache --cache-window {best['window']} --cache-theta {best['theta']:g} --cache-lambda {best['lam']:g}"
     else:
-        click.echo(f"{source} perplexity {ppl:.2f} (loss {loss:.4f}) over {count:,} tokens, batch size "
-                   f"{batch_size}, checkpoint {ckpt}")
+        ms = _dyn_stats(loaded, model, cfg, corpus, as_json)
+        rows, base = adapt.tune_dynamic(model, valid, dyn_segment, ms, progress=not as_json)
+        best = rows[0]
+        flags = f"--dynamic --dyn-lr {best['lr']:g} --dyn-decay {best['decay']:g} --dyn-segment {dyn_segment}"
+    command = f"lmtrain eval --ckpt {shlex.quote(ckpt)} --split test {flags}"
+    if as_json:
+        click.echo(json.dumps({"ckpt": ckpt, "method": method, "split": "valid", "tokens": len(valid) - 1,
+                               "base_ppl": base, "best": best, "trials": rows, "command": command,
+                               "seconds": round(time.perf_counter() - t0, 1)}))
+        return
+    click.echo(f"{method} on validation ({len(valid) - 1:,} tokens, one stream): base perplexity {base:.2f}")
+    for r in rows[:5]:
+        click.echo("  " + "  ".join(f"{k} {v:g}" for k, v in r.items() if k != "ppl") + f"  ->  {r['ppl']:.2f}")
+    click.echo(f"best: {base:.2f} -> {best['ppl']:.2f} ({100 * (best['ppl'] / base - 1):+.1f}%), "
+               f"{len(rows)} settings tried in {time.perf_counter() - t0:.0f} s; on the test split:\n  {command}")
 
 
 @cli.command()

@@ -1,0 +1,310 @@
+"""Evaluation-time adaptation: the neural cache and dynamic evaluation.
+
+Both read a split as one stream (batch 1), the state carried from the first
+token to the last, and score every target once, before anything has seen it.
+
+Neural cache (Grave, Joulin & Usunier 2017).  After reading w_1..w_t the
+model's top layer outputs h_t and predicts w_{t+1}.  The cache holds the
+pairs (h_j, w_{j+1}) of the last ``window`` steps j < t, whose next word is
+already known, and gives word w the probability
+
+    p_cache(w) = sum_{j : w_{j+1} = w} exp(theta h_t . h_j)  /  sum_j exp(theta h_t . h_j)
+
+which is mixed with the model's:  p(w) = (1 - lambda) p_model(w) + lambda p_cache(w).
+The cache starts empty (the first target is scored by the model alone) and
+grows to ``window`` pairs.  Only the target's probability is needed, and its
+log is written as
+
+    log p(target) = log p_model(target) + log1p(lambda (p_cache(target) / p_model(target) - 1))
+
+so the model's loss is summed exactly as plain evaluation sums it, and
+lambda = 0 adds exactly 0.
+
+Dynamic evaluation (Krause, Kahembwe, Murray & Renals 2018, the RMS rule
+with decay).  The split is cut into segments of ``segment`` tokens; each is
+scored first, then the model takes one gradient step on that segment's mean
+loss, so no word is scored by weights that have seen it:
+
+    theta <- theta - lr * g / (sqrt(MS) + eps) + decay_i (theta_0 - theta)
+    decay_i = min(1, decay * sqrt(MS_i) / mean(sqrt(MS)))
+
+MS is the mean square of each parameter's gradient over the training split
+(``gradient_stats``, one pass, cached beside the checkpoint under its
+checksum); theta_0 are the trained weights, towards which every step pulls
+back.  lr = 0 leaves the weights untouched and the result is plain
+evaluation's, to the bit.  The gradients are the model's own backward, the
+one the gradient checks test.
+"""
+import glob
+import math
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from lmtrain.backend import parallel_rows, to_numpy, xp
+from lmtrain.checkpoint import atomic_write
+from lmtrain.data.batching import batchify, get_batch, window_starts
+from lmtrain.errors import LmtrainError
+
+DYN_EPS = 1e-4   # added to sqrt(MS): a parameter that training hardly moved must not take huge steps here
+UPDATE_BLOCK = 1 << 16  # parameters per block of DynamicEval.update: its 5 arrays stay in L2 (docs/performance.md)
+STATS_BATCH = 64  # streams read at once by the statistics pass (any number gives the same statistics' scale)
+
+
+def log_softmax(z):
+    z = np.asarray(z, np.float64)
+    m = z.max(axis=1, keepdims=True)
+    return z - (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))
+
+
+class NeuralCache:
+    """The cache of one stream: the last ``window`` (hidden state, next word) pairs."""
+
+    def __init__(self, window, theta):
+        self.window, self.theta = int(window), float(theta)
+        self.keys = None                    # (M, d) float64, M <= window
+        self.words = np.zeros(0, np.int64)  # (M,)
+
+    def weights(self, h, targets):
+        """Cache weights of the window's rows: (T, M + T) over the stored pairs followed by the window's
+        own, each row a distribution over the pairs it may see (the ``window`` latest before it), or all
+        zero where the cache is still empty.  Then the pairs are updated.  Returns (weights, words)."""
+        h = np.array(h, np.float64)  # a copy: the model reuses its output buffers from window to window
+        keys = h if self.keys is None else np.concatenate([self.keys, h])
+        words = np.concatenate([self.words, np.asarray(targets, np.int64)])
+        T, M = len(h), len(keys) - len(h)
+        scores = self.theta * (h @ keys.T)
+        # row t (the stream's position M + t) sees the pairs j with M + t - window <= j < M + t
+        j, t = np.arange(M + T)[None, :], M + np.arange(T)[:, None]
+        seen = (j < t) & (j >= t - self.window)
+        scores[~seen] = -np.inf
+        top = scores.max(axis=1, keepdims=True)
+        top[~np.isfinite(top)] = 0.0
+        w = np.exp(scores - top)
+        total = w.sum(axis=1, keepdims=True)
+        w /= np.where(total > 0, total, 1.0)
+        self.keys, self.words = keys[-self.window:], words[-self.window:]
+        return w, words
+
+    def target_probs(self, h, targets):
+        """(p_cache of each target, whether the row's cache held anything)."""
+        w, words = self.weights(h, targets)
+        return (w * (words[None, :] == np.asarray(targets)[:, None])).sum(axis=1), w.any(axis=1)
+
+
+def distribution(w, words, vocab_size):
+    """(T, V) cache distributions from ``NeuralCache.weights``: each row sums to 1 (or 0 while empty)."""
+    T = len(w)
+    flat = (np.arange(T)[:, None] * vocab_size + words[None, :]).ravel()
+    return np.bincount(flat, weights=w.ravel(), minlength=T * vocab_size).reshape(T, vocab_size)
+
+
+def mixture_gain(p_cache, nonempty, target_logp, lam):
+    """log p(target) - log p_model(target) of the mixture, per row (0 where the cache is empty); in log
+    space, so a target the model gives almost no probability stays finite, and lambda = 0 gives 0 exactly."""
+    with np.errstate(divide="ignore"):
+        mixed = np.logaddexp(np.log1p(-lam) + target_logp, np.log(lam) + np.log(p_cache))
+    return np.where(nonempty, mixed - target_logp, 0.0)
+
+
+class DynamicEval:
+    """Adapts the model's parameters, in place, after each scored segment (the module docstring's rule)."""
+
+    def __init__(self, model, ms, lr, decay):
+        store = model.store
+        self.store, self.lr = store, float(lr)
+        self.theta0 = store.data.copy()
+        rms = xp.sqrt(xp.asarray(ms, dtype=np.float64))
+        self.step_scale = xp.asarray(self.lr / (rms + DYN_EPS), dtype=store.dtype)
+        self.decay = xp.asarray(np.minimum(1.0, float(decay) * rms / float(rms.mean())), dtype=store.dtype)
+
+    def update(self):
+        """One step from the gradients in the store (its gradient buffer is used as scratch): in blocks
+        small enough to stay in cache, so the four passes cost about one pass over memory."""
+        p, g, scale, decay, theta0 = self.store.data, self.store.grad, self.step_scale, self.decay, self.theta0
+
+        def update(a, b):
+            for lo in range(a, b, UPDATE_BLOCK):
+                hi = min(lo + UPDATE_BLOCK, b)
+                gb, pb = g[lo:hi], p[lo:hi]
+                gb *= scale[lo:hi]
+                pb -= gb
+                xp.subtract(theta0[lo:hi], pb, out=gb)
+                gb *= decay[lo:hi]
+                pb += gb
+        parallel_rows(update, p.size, 1)
+
+    def restore(self):
+        self.store.data[...] = self.theta0
+
+
+def stats_path(ckpt_path, sha):
+    root = os.path.splitext(os.fspath(ckpt_path))[0]
+    return f"{root}.dynstats-{sha[:12]}.npz"
+
+
+def gradient_stats(model, train_ids, bptt, ckpt_path=None, sha=None, progress=True, echo=print):
+    """Mean square of every parameter's gradient over one pass of the training split (``STATS_BATCH``
+    streams, windows of ``bptt``, dropout off), read from the file cached beside the checkpoint when its
+    checksum matches, else computed and written there."""
+    path = stats_path(ckpt_path, sha) if ckpt_path and sha else None
+    if path and os.path.exists(path):
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["sha256"]) == sha and z["ms"].shape == model.store.grad.shape:
+                return z["ms"]
+    data = batchify(train_ids, STATS_BATCH)
+    if len(data) < 2:
+        raise LmtrainError("the training split is too short to collect dynamic evaluation's gradient statistics")
+    state = model.init_state(STATS_BATCH)
+    ms = np.zeros(model.store.grad.shape, np.float64)
+    starts = window_starts(data, bptt)
+    for i in tqdm(starts, desc="gradient statistics (train)", disable=not progress, leave=False, unit="win"):
+        x, y = get_batch(data, i, bptt)
+        out, state = model.forward(xp.asarray(x), state)
+        model.loss(out, xp.asarray(y))
+        model.backward()
+        g = to_numpy(model.store.grad).astype(np.float64)
+        ms += g * g
+    ms /= len(starts)
+    if path:
+        try:
+            atomic_write(path, lambda fh: np.savez(fh, ms=ms, sha256=np.str_(sha)))
+        except OSError as err:
+            echo(f"warning: could not cache the gradient statistics at {path} ({err.strerror}); "
+                 "they will be computed again next time")
+            return ms
+        for stale in glob.glob(glob.escape(os.path.splitext(os.fspath(ckpt_path))[0]) + ".dynstats-*.npz"):
+            if stale != path:  # statistics of an earlier version of this checkpoint
+                os.remove(stale)
+        echo(f"dynamic evaluation: gradient statistics written to {path}")
+    return ms
+
+
+def cache_gains(cache, h, targets, target_logp, lambdas):
+    """{lambda: summed log-gain of the mixture} over one window's rows, the cache then holding them."""
+    p_cache, nonempty = cache.target_probs(h, targets)
+    return {lam: float(mixture_gain(p_cache, nonempty, target_logp, lam).sum()) for lam in lambdas}
+
+
+def score_stream(model, ids, window, cache=None, dynamic=None, lambdas=(), collect=False, progress=True,
+                 desc="eval"):
+    """One pass over ``ids`` at batch 1, in windows of ``window`` tokens.
+
+    Returns (loss sum, targets, {lambda: summed cache gain}, collected): the loss summed as
+    ``train.evaluate`` sums it at batch 1 with the same windows; with ``collect``, ``collected`` is
+    (top-layer outputs, targets, log p_model(target)) of every position, for replaying caches.
+    """
+    data = np.asarray(ids).reshape(-1, 1)
+    state = model.init_state(1)
+    total = count = 0.0
+    gains = {lam: 0.0 for lam in lambdas}
+    kept = []
+    try:
+        for i in tqdm(window_starts(data, window), desc=desc, disable=not progress, leave=False, unit="win"):
+            x, y = get_batch(data, i, window)
+            out, state = model.forward(xp.asarray(x), state)
+            model.loss(out, xp.asarray(y))
+            total += model.loss_sum
+            count += model.loss_count
+            if cache is not None or collect:
+                targets = y[:, 0].astype(np.int64)
+                logp = log_softmax(to_numpy(model.scores(out)))[np.arange(len(targets)), targets]
+                h = np.array(to_numpy(model.h_last[:, 0]))  # a copy: the buffer is reused next window
+                if collect:
+                    kept.append((h, targets, logp))
+                if cache is not None:
+                    for lam, g in cache_gains(cache, h, targets, logp, lambdas).items():
+                        gains[lam] += g
+            if dynamic is not None:
+                model.backward()
+                dynamic.update()
+    finally:
+        if dynamic is not None:
+            dynamic.restore()
+    collected = tuple(np.concatenate(parts) for parts in zip(*kept)) if collect else None
+    return total, count, gains, collected
+
+
+def perplexity(loss):
+    return math.exp(min(loss, 700.0))
+
+
+def run(model, ids, window, cache_settings=None, dyn_settings=None, ms=None, progress=True):
+    """Base, cache, dynamic and (when both are asked for) combined perplexity of ``ids``.
+
+    ``cache_settings``: dict(window, theta, lam) or None; ``dyn_settings``: dict(lr, decay) or None.
+    One pass without adaptation gives the base and the cache; one with it gives dynamic evaluation and
+    the combination.  Returns {method: {"ppl", "loss", "seconds"}}.
+    """
+    results = {}
+
+    def cache():
+        if cache_settings is None:
+            return None, ()
+        return NeuralCache(cache_settings["window"], cache_settings["theta"]), (cache_settings["lam"],)
+
+    t0 = time.perf_counter()
+    c, lams = cache()
+    total, count, gains, _ = score_stream(model, ids, window, cache=c, lambdas=lams, progress=progress,
+                                          desc="base" + (" + cache" if c else ""))
+    seconds = time.perf_counter() - t0
+    results["base"] = dict(loss=total / count, seconds=seconds)
+    if c is not None:
+        results["cache"] = dict(loss=(total - gains[lams[0]]) / count, seconds=seconds)
+    if dyn_settings is not None:
+        t0 = time.perf_counter()
+        c, lams = cache()
+        dyn = DynamicEval(model, ms, dyn_settings["lr"], dyn_settings["decay"])
+        total, count, gains, _ = score_stream(model, ids, window, cache=c, dynamic=dyn, lambdas=lams,
+                                              progress=progress, desc="dynamic" + (" + cache" if c else ""))
+        seconds = time.perf_counter() - t0
+        results["dynamic"] = dict(loss=total / count, seconds=seconds)
+        if c is not None:
+            results["dynamic+cache"] = dict(loss=(total - gains[lams[0]]) / count, seconds=seconds)
+    for r in results.values():
+        r["ppl"] = perplexity(r["loss"])
+        r["tokens"] = int(count)
+    return results
+
+
+# -- tuning, on the validation split only --------------------------------------------------------------
+CACHE_GRID = dict(window=(100, 500, 1000, 2000), theta=(0.1, 0.2, 0.3, 0.5, 0.8),
+                  lam=(0.05, 0.1, 0.15, 0.2, 0.3))
+DYN_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+DYN_DECAYS = (0.0, 0.003, 0.01, 0.03)
+
+
+def tune_cache(model, ids, window, grid=CACHE_GRID, progress=True):
+    """Every (window, theta, lambda) of ``grid`` on ``ids``: one model pass, then each cache replayed over
+    its stored outputs.  Returns (rows sorted best first, base perplexity)."""
+    total, count, _, (h, targets, logp) = score_stream(model, ids, window, collect=True, progress=progress,
+                                                       desc="validation pass")
+    rows = []
+    settings = [(n, th) for n in grid["window"] for th in grid["theta"]]
+    for n, theta in tqdm(settings, desc="cache settings", disable=not progress, leave=False):
+        cache, gains = NeuralCache(n, theta), dict.fromkeys(grid["lam"], 0.0)
+        for a in range(0, len(targets), window):
+            for lam, g in cache_gains(cache, h[a:a + window], targets[a:a + window], logp[a:a + window],
+                                      grid["lam"]).items():
+                gains[lam] += g
+        rows += [dict(window=n, theta=theta, lam=lam, ppl=perplexity((total - g) / count))
+                 for lam, g in gains.items()]
+    return sorted(rows, key=lambda r: r["ppl"]), perplexity(total / count)
+
+
+def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, progress=True):
+    """A coordinate search: every learning rate at the middle decay, then every decay at the best rate.
+    Returns (rows sorted best first, base perplexity)."""
+    def trial(lr, decay):
+        total, count, _, _ = score_stream(model, ids, segment, dynamic=DynamicEval(model, ms, lr, decay),
+                                          progress=progress, desc=f"dynamic lr {lr:g} decay {decay:g}")
+        return dict(lr=lr, decay=decay, ppl=perplexity(total / count))
+
+    total, count, _, _ = score_stream(model, ids, segment, progress=progress, desc="validation pass")
+    middle = decays[len(decays) // 2]
+    rows = [trial(lr, middle) for lr in lrs]
+    best_lr = min(rows, key=lambda r: r["ppl"])["lr"]
+    rows += [trial(best_lr, d) for d in decays if d != middle]
+    return sorted(rows, key=lambda r: r["ppl"]), perplexity(total / count)

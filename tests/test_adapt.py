@@ -1,0 +1,169 @@
+"""The neural cache and dynamic evaluation (lmtrain/adapt.py): identities, a brute-force reference, the CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lmtrain import adapt
+from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
+from lmtrain.config import load_config
+from lmtrain.data.sources import load_corpus
+from lmtrain.train import evaluate, fit
+from tests.test_cli import assert_one_line_error, lmtrain
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained run: (checkpoint path, model in float64, corpus)."""
+    from tests.conftest import TINY
+    root = tmp_path_factory.mktemp("adapt")
+    (root / "tiny.yaml").write_text(TINY)
+    fit(load_config(root / "tiny.yaml", []), str(root / "run"), quiet=True)
+    ckpt = root / "run" / "checkpoints" / "best.npz"
+    model, _, cfg = model_from_checkpoint(load_checkpoint(ckpt), dtype="float64")
+    return ckpt, model, load_corpus(cfg.data, log=lambda *a: None)
+
+
+def test_cache_with_lambda_0_is_plain_evaluation_to_the_bit(run):
+    _, model, corpus = run
+    loss, _, count = evaluate(model, corpus.valid, 1, bptt=10)
+    r = adapt.run(model, corpus.valid, 10, cache_settings=dict(window=50, theta=0.5, lam=0.0), progress=False)
+    assert r["cache"]["loss"] == r["base"]["loss"] == loss and r["base"]["tokens"] == count
+    r = adapt.run(model, corpus.valid, 10, cache_settings=dict(window=50, theta=0.5, lam=0.2), progress=False)
+    assert r["cache"]["loss"] != loss
+
+
+def test_dynamic_with_lr_0_is_plain_evaluation_to_the_bit(run):
+    _, model, corpus = run
+    ms = np.ones(model.store.data.shape)
+    before = model.store.data.copy()
+    loss, _, _ = evaluate(model, corpus.valid, 1, bptt=5)
+    r = adapt.run(model, corpus.valid, 5, dyn_settings=dict(lr=0.0, decay=0.01), ms=ms, progress=False)
+    assert r["dynamic"]["loss"] == loss
+    r = adapt.run(model, corpus.valid, 5, dyn_settings=dict(lr=1e-3, decay=0.01), ms=ms, progress=False)
+    assert r["dynamic"]["loss"] != loss
+    assert np.array_equal(model.store.data, before)  # the trained weights are back afterwards
+
+
+def test_cache_probabilities_sum_to_1_and_match_a_brute_force_cache():
+    rng = np.random.default_rng(0)
+    V, d, n, window, theta, lam = 7, 4, 23, 6, 0.7, 0.3
+    h, targets = rng.standard_normal((n, d)), rng.integers(0, V, n)
+    p_model = rng.dirichlet(np.ones(V), n)
+    cache = adapt.NeuralCache(window, theta)
+    got_target, got_dist = [], []
+    for a in range(0, n, 5):  # windows of 5 rows, as evaluation feeds them
+        w, words = cache.weights(h[a:a + 5], targets[a:a + 5])
+        got_dist.append(adapt.distribution(w, words, V))
+        got_target.append((w * (words[None, :] == targets[a:a + 5, None])).sum(axis=1))
+    dist, target = np.concatenate(got_dist), np.concatenate(got_target)
+    for t in range(n):  # the definition, position by position
+        seen = range(max(0, t - window), t)
+        ref = np.zeros(V)
+        if seen:
+            e = np.exp([theta * h[t] @ h[j] for j in seen])
+            for j, ej in zip(seen, e / e.sum()):
+                ref[targets[j]] += ej
+        np.testing.assert_allclose(dist[t], ref, atol=1e-12)
+        assert target[t] == pytest.approx(ref[targets[t]], abs=1e-12)
+        mixed = (1 - lam) * p_model[t] + lam * dist[t] if seen else p_model[t]
+        assert mixed.sum() == pytest.approx(1.0, abs=1e-12)
+        gain = adapt.mixture_gain(target[t:t + 1], np.array([bool(seen)]), np.log(p_model[t, targets[t]]), lam)[0]
+        assert np.log(p_model[t, targets[t]]) + gain == pytest.approx(np.log(mixed[targets[t]]), abs=1e-12)
+
+
+def test_tuned_cache_replays_what_evaluation_computes(run):
+    _, model, corpus = run
+    grid = dict(window=(20,), theta=(0.5,), lam=(0.1, 0.2))
+    rows, base = adapt.tune_cache(model, corpus.valid, 10, grid=grid, progress=False)
+    for row in rows:
+        r = adapt.run(model, corpus.valid, 10, cache_settings=row, progress=False)
+        assert r["cache"]["ppl"] == pytest.approx(row["ppl"], rel=1e-10)
+        assert r["base"]["ppl"] == pytest.approx(base, rel=1e-12)
+
+
+def test_dynamic_evaluation_scores_each_segment_before_adapting_to_it(run):
+    """Two segments by hand: the first scored by the trained weights, the second after one step of the rule
+    on the first, with the gradient of the model's own backward."""
+    _, model, corpus = run
+    ids, seg, lr, decay = corpus.valid[:11], 5, 0.05, 0.2
+    ms = np.random.default_rng(1).uniform(0.5, 2.0, model.store.data.shape)
+    theta0 = model.store.data.copy()
+    state, losses = model.init_state(1), []
+    for a in (0, seg):
+        x, y = ids[a:a + seg, None], ids[a + 1:a + seg + 1, None]
+        out, state = model.forward(x, state)
+        losses.append(model.loss(out, y) * seg)
+        model.backward()
+        rms = np.sqrt(ms)
+        p = model.store.data
+        p -= lr * model.store.grad / (rms + adapt.DYN_EPS)
+        p += np.minimum(1.0, decay * rms / rms.mean()) * (theta0 - p)
+    model.store.data[...] = theta0
+    r = adapt.run(model, ids, seg, dyn_settings=dict(lr=lr, decay=decay), ms=ms, progress=False)
+    assert r["dynamic"]["loss"] * 10 == pytest.approx(sum(losses), rel=1e-12)
+    assert r["dynamic"]["loss"] != r["base"]["loss"]
+
+
+def test_gradient_statistics_are_cached_under_the_checkpoint_checksum(run, monkeypatch):
+    ckpt, model, corpus = run
+    sha = load_checkpoint(ckpt).sha256
+    stale = adapt.stats_path(ckpt, "0" * 64)
+    np.savez(stale, ms=np.zeros(3), sha256=np.str_("0" * 64))  # an earlier version of the checkpoint's
+    ms = adapt.gradient_stats(model, corpus.train, 10, ckpt, sha, progress=False, echo=lambda *a: None)
+    assert ms.shape == model.store.data.shape and (ms > 0).mean() > 0.5
+    assert not os.path.exists(stale)
+    monkeypatch.setattr(model, "backward", lambda *a: pytest.fail("recomputed despite the cache"))
+    assert np.array_equal(adapt.gradient_stats(model, corpus.train, 10, ckpt, sha, progress=False), ms)
+    assert adapt.stats_path(ckpt, sha) != adapt.stats_path(ckpt, "f" * 64)  # another checkpoint, another file
+
+
+def test_eval_prints_base_cache_and_dynamic_side_by_side(run):
+    ckpt = run[0]
+    out = json.loads(lmtrain("eval", "--ckpt", ckpt, "--split", "valid", "--cache", "--dynamic", "--json",
+                             check=0).stdout)
+    assert set(out["results"]) == {"base", "cache", "dynamic", "dynamic+cache"}
+    assert out["cache"]["window"] == 500 and out["dynamic"]["lr"] == 1e-4
+    for r in out["results"].values():
+        assert np.isfinite(r["ppl"]) and r["seconds"] >= 0 and r["tokens"] == out["tokens"]
+    text = lmtrain("eval", "--ckpt", ckpt, "--split", "valid", "--cache", "--cache-lambda", "0", check=0).stdout
+    assert "base" in text and "(+0.0%)" in text
+    assert_one_line_error(lmtrain("eval", "--ckpt", ckpt, "--cache", "--batch-size", "4"), "--batch-size must be 1")
+
+
+def test_tune_eval_never_reads_the_test_split(run, tmp_path):
+    """The tuner runs in a process where touching the test split raises."""
+    ckpt = run[0]
+    script = tmp_path / "guarded.py"
+    script.write_text(f"""
+import sys
+import lmtrain.data.corpus as corpus
+class Forbidden:
+    def __getattr__(self, name):
+        raise SystemExit("the test split was read")
+    def __getitem__(self, key):
+        raise SystemExit("the test split was read")
+    def __len__(self):
+        raise SystemExit("the test split was read")
+original = corpus.Corpus.__init__
+def guarded(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    object.__setattr__(self, "test", Forbidden())
+corpus.Corpus.__init__ = guarded
+from lmtrain.cli import main
+main(sys.argv[1:])
+""")
+    import subprocess
+    import sys
+    for method in ("cache", "dynamic"):
+        proc = subprocess.run([sys.executable, str(script), "tune-eval", "--ckpt", str(ckpt), "--method", method,
+                               "--json"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["split"] == "valid" and out["best"]["ppl"] == min(r["ppl"] for r in out["trials"])
+        assert "--split test" in out["command"] and f"--{method}" in out["command"]
+    # the guard works: plain evaluation of the test split through it fails
+    proc = subprocess.run([sys.executable, str(script), "eval", "--ckpt", str(ckpt), "--split", "test"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "the test split was read" in proc.stderr + proc.stdout
