@@ -13,9 +13,10 @@ already known, and gives word w the probability
 which is mixed with the model's:  p(w) = (1 - lambda) p_model(w) + lambda p_cache(w).
 The cache starts empty (the first target is scored by the model alone) and
 grows to ``window`` pairs.  Only the target's probability is needed, and its
-log is written as
+log is written as the model's plus a gain,
 
-    log p(target) = log p_model(target) + log1p(lambda (p_cache(target) / p_model(target) - 1))
+    log p(target) = log p_model(target) + [logaddexp(log(1 - lambda) + log p_model(target),
+                                                     log lambda + log p_cache(target)) - log p_model(target)]
 
 so the model's loss is summed exactly as plain evaluation sums it, and
 lambda = 0 adds exactly 0.
@@ -50,7 +51,7 @@ from lmtrain.errors import LmtrainError
 
 DYN_EPS = 1e-4   # added to sqrt(MS): a parameter that training hardly moved must not take huge steps here
 UPDATE_BLOCK = 1 << 16  # parameters per block of DynamicEval.update: its 5 arrays stay in L2 (docs/performance.md)
-STATS_BATCH = 64  # streams read at once by the statistics pass (any number gives the same statistics' scale)
+STATS_BATCH = 64  # streams read at once by the statistics pass (their number sets MS's scale, which lr absorbs)
 
 
 def log_softmax(z):

@@ -154,7 +154,7 @@ def eval_cmd(ckpt, split, text_file, batch_size, cache, cache_window, cache_thet
     dyn_settings = dict(lr=dyn_lr, decay=dyn_decay, segment=dyn_segment) if dynamic else None
     ms = _dyn_stats(loaded, model, cfg, corpus or corpus_of(), as_json) if dynamic else None
     window = dyn_segment if dynamic else cfg.train.bptt
-    results = adapt.run(model, ids, window, cache_settings, dyn_settings, ms, progress=not as_json)
+    results = adapt.run(model, ids, window, cache_settings, dyn_settings, ms)
     if as_json:
         click.echo(json.dumps({"ckpt": ckpt, "split": source, "tokens": results["base"]["tokens"], "batch_size": 1,
                                "window": window, "cache": cache_settings, "dynamic": dyn_settings,
@@ -189,12 +189,12 @@ def tune_eval(ckpt, method, tokens, dyn_segment, as_json, debug):
     valid = corpus.valid[:tokens] if tokens else corpus.valid
     t0 = time.perf_counter()
     if method == "cache":
-        rows, base = adapt.tune_cache(model, valid, cfg.train.bptt, progress=not as_json)
+        rows, base = adapt.tune_cache(model, valid, cfg.train.bptt)
         best = rows[0]
         flags = f"--cache --cache-window {best['window']} --cache-theta {best['theta']:g} --cache-lambda {best['lam']:g}"
     else:
         ms = _dyn_stats(loaded, model, cfg, corpus, as_json)
-        rows, base = adapt.tune_dynamic(model, valid, dyn_segment, ms, progress=not as_json)
+        rows, base = adapt.tune_dynamic(model, valid, dyn_segment, ms)
         best = rows[0]
         flags = f"--dynamic --dyn-lr {best['lr']:g} --dyn-decay {best['decay']:g} --dyn-segment {dyn_segment}"
     command = f"lmtrain eval --ckpt {shlex.quote(ckpt)} --split test {flags}"
