@@ -102,13 +102,13 @@ def _dyn_stats(loaded, model, cfg, corpus, as_json):
 @click.option("--cache", is_flag=True, help="Add the neural cache (Grave et al. 2017) over recent hidden states.")
 @click.option("--cache-window", type=click.IntRange(min=1), default=500, show_default=True,
               help="Cache: pairs (hidden state, next word) kept, the latest N.")
-@click.option("--cache-theta", type=click.FloatRange(min=0), default=0.3, show_default=True,
+@click.option("--cache-theta", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Cache: sharpness of the match between hidden states.")
-@click.option("--cache-lambda", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+@click.option("--cache-lambda", type=click.FloatRange(0, 1), default=0.15, show_default=True,
               help="Cache: its weight in the mixture with the model.")
 @click.option("--dynamic", is_flag=True, help="Add dynamic evaluation (Krause et al. 2018): adapt the weights "
               "to each segment after scoring it.")
-@click.option("--dyn-lr", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--dyn-lr", type=click.FloatRange(min=0), default=3e-4, show_default=True,
               help="Dynamic evaluation: step size of the RMS-normalised update.")
 @click.option("--dyn-decay", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Dynamic evaluation: pull back towards the trained weights, per step.")

@@ -124,7 +124,7 @@ def test_eval_prints_base_cache_and_dynamic_side_by_side(run):
     out = json.loads(lmtrain("eval", "--ckpt", ckpt, "--split", "valid", "--cache", "--dynamic", "--json",
                              check=0).stdout)
     assert set(out["results"]) == {"base", "cache", "dynamic", "dynamic+cache"}
-    assert out["cache"]["window"] == 500 and out["dynamic"]["lr"] == 1e-4
+    assert out["cache"]["window"] == 500 and out["dynamic"]["lr"] == 3e-4
     for r in out["results"].values():
         assert np.isfinite(r["ppl"]) and r["seconds"] >= 0 and r["tokens"] == out["tokens"]
     text = lmtrain("eval", "--ckpt", ckpt, "--split", "valid", "--cache", "--cache-lambda", "0", check=0).stdout
