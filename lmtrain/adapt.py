@@ -37,7 +37,6 @@ evaluation's, to the bit.  The gradients are the model's own backward, the
 one the gradient checks test.
 """
 import glob
-import math
 import os
 import time
 
@@ -48,16 +47,12 @@ from lmtrain.backend import parallel_rows, to_numpy, xp
 from lmtrain.checkpoint import atomic_write
 from lmtrain.data.batching import batchify, get_batch, window_starts
 from lmtrain.errors import LmtrainError
+from lmtrain.nn.adaptive import log_softmax
+from lmtrain.train import perplexity
 
 DYN_EPS = 1e-4   # added to sqrt(MS): a parameter that training hardly moved must not take huge steps here
 UPDATE_BLOCK = 1 << 16  # parameters per block of DynamicEval.update: its 5 arrays stay in L2 (docs/performance.md)
 STATS_BATCH = 64  # streams read at once by the statistics pass (their number sets MS's scale, which lr absorbs)
-
-
-def log_softmax(z):
-    z = np.asarray(z, np.float64)
-    m = z.max(axis=1, keepdims=True)
-    return z - (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))
 
 
 class NeuralCache:
@@ -72,7 +67,7 @@ class NeuralCache:
         """Cache weights of the window's rows: (T, M + T) over the stored pairs followed by the window's
         own, each row a distribution over the pairs it may see (the ``window`` latest before it), or all
         zero where the cache is still empty.  Then the pairs are updated.  Returns (weights, words)."""
-        h = np.array(h, np.float64)  # a copy: the model reuses its output buffers from window to window
+        h = np.asarray(h, np.float64)  # the caller owns h: score_stream copies it out of the model's buffer
         keys = h if self.keys is None else np.concatenate([self.keys, h])
         words = np.concatenate([self.words, np.asarray(targets, np.int64)])
         T, M = len(h), len(keys) - len(h)
@@ -211,7 +206,7 @@ def score_stream(model, ids, window, cache=None, dynamic=None, lambdas=(), colle
             count += model.loss_count
             if cache is not None or collect:
                 targets = y[:, 0].astype(np.int64)
-                logp = log_softmax(to_numpy(model.scores(out)))[np.arange(len(targets)), targets]
+                logp = log_softmax(to_numpy(model.scores(out)).astype(np.float64))[np.arange(len(targets)), targets]
                 h = np.array(to_numpy(model.h_last[:, 0]))  # a copy: the buffer is reused next window
                 if collect:
                     kept.append((h, targets, logp))
@@ -226,10 +221,6 @@ def score_stream(model, ids, window, cache=None, dynamic=None, lambdas=(), colle
             dynamic.restore()
     collected = tuple(np.concatenate(parts) for parts in zip(*kept)) if collect else None
     return total, count, gains, collected
-
-
-def perplexity(loss):
-    return math.exp(min(loss, 700.0))
 
 
 def run(model, ids, window, cache_settings=None, dyn_settings=None, ms=None, progress=True):
