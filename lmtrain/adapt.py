@@ -37,6 +37,7 @@ evaluation's, to the bit.  The gradients are the model's own backward, the
 one the gradient checks test.
 """
 import glob
+import math
 import os
 import time
 
@@ -268,6 +269,12 @@ DYN_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 DYN_DECAYS = (0.0, 0.003, 0.01, 0.03)
 
 
+def by_ppl(row):
+    """Sort key of the tuners: perplexity, with a setting that diverged (NaN or inf) last.  NaN compares
+    false with everything, so without this it could come out first."""
+    return row["ppl"] if math.isfinite(row["ppl"]) else math.inf
+
+
 def tune_cache(model, ids, window, grid=CACHE_GRID, progress=True):
     """Every (window, theta, lambda) of ``grid`` on ``ids``: one model pass, then each cache replayed over
     its stored outputs.  Returns (rows sorted best first, base perplexity)."""
@@ -283,7 +290,7 @@ def tune_cache(model, ids, window, grid=CACHE_GRID, progress=True):
                 gains[lam] += g
         rows += [dict(window=n, theta=theta, lam=lam, ppl=perplexity((total - g) / count))
                  for lam, g in gains.items()]
-    return sorted(rows, key=lambda r: r["ppl"]), perplexity(total / count)
+    return sorted(rows, key=by_ppl), perplexity(total / count)
 
 
 def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, progress=True):
@@ -297,6 +304,6 @@ def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, progre
     total, count, _, _ = score_stream(model, ids, segment, progress=progress, desc="validation pass")
     middle = decays[len(decays) // 2]
     rows = [trial(lr, middle) for lr in lrs]
-    best_lr = min(rows, key=lambda r: r["ppl"])["lr"]
+    best_lr = min(rows, key=by_ppl)["lr"]
     rows += [trial(best_lr, d) for d in decays if d != middle]
-    return sorted(rows, key=lambda r: r["ppl"]), perplexity(total / count)
+    return sorted(rows, key=by_ppl), perplexity(total / count)

@@ -179,6 +179,7 @@ def eval_cmd(ckpt, split, text_file, batch_size, cache, cache_window, cache_thet
 def tune_eval(ckpt, method, tokens, dyn_segment, as_json, debug):
     """Search the settings of --cache or --dynamic on the validation split (the test split is never read)
     and print the command that applies the best ones to the test split."""
+    import math
     import shlex
     import time
 
@@ -200,12 +201,15 @@ def tune_eval(ckpt, method, tokens, dyn_segment, as_json, debug):
     command = f"lmtrain eval --ckpt {shlex.quote(ckpt)} --split test {flags}"
     if as_json:
         click.echo(json.dumps({"ckpt": ckpt, "method": method, "split": "valid", "tokens": len(valid) - 1,
-                               "base_ppl": base, "best": best, "trials": rows, "command": command,
+                               "base_ppl": base, "best": best, "command": command,
+                               # a diverged trial's perplexity (NaN) as null: NaN is not JSON
+                               "trials": [{**r, "ppl": r["ppl"] if math.isfinite(r["ppl"]) else None} for r in rows],
                                "seconds": round(time.perf_counter() - t0, 1)}))
         return
     click.echo(f"{method} on validation ({len(valid) - 1:,} tokens, one stream): base perplexity {base:.2f}")
     for r in rows[:5]:
-        click.echo("  " + "  ".join(f"{k} {v:g}" for k, v in r.items() if k != "ppl") + f"  ->  {r['ppl']:.2f}")
+        click.echo("  " + "  ".join(f"{k} {v:g}" for k, v in r.items() if k != "ppl")
+                   + (f"  ->  {r['ppl']:.2f}" if math.isfinite(r["ppl"]) else "  ->  diverged"))
     click.echo(f"best: {base:.2f} -> {best['ppl']:.2f} ({100 * (best['ppl'] / base - 1):+.1f}%), "
                f"{len(rows)} settings tried in {time.perf_counter() - t0:.0f} s; on the test split:\n  {command}")
 

@@ -106,6 +106,18 @@ def test_dynamic_evaluation_scores_each_segment_before_adapting_to_it(run):
     assert r["dynamic"]["loss"] != r["base"]["loss"]
 
 
+def test_a_diverging_setting_ranks_last(run):
+    """A step so large that the adapted weights overflow (here an infinite one) scores NaN; the search must
+    not pick it, though NaN compares false with everything (tried first, it would have stayed the minimum)."""
+    _, model, corpus = run
+    ms = np.full(model.store.data.shape, 1e-12)
+    with np.errstate(all="ignore"):
+        rows, _ = adapt.tune_dynamic(model, corpus.valid[:300], 5, ms, lrs=(np.inf, 1e-4), decays=(0.0, 0.01),
+                                     progress=False)
+    assert rows[-1]["lr"] == np.inf and np.isnan(rows[-1]["ppl"])
+    assert rows[0]["lr"] == 1e-4 and np.isfinite(rows[0]["ppl"]) and len(rows) == 3
+
+
 def test_gradient_statistics_are_cached_under_the_checkpoint_checksum(run, monkeypatch):
     ckpt, model, corpus = run
     sha = load_checkpoint(ckpt).sha256
