@@ -32,6 +32,7 @@ except ImportError:
           "(on the project's machines: pip install torch==2.13.0)")
     sys.exit(0)
 
+from lmtrain.backend import kernels_in_use  # noqa: E402
 from lmtrain.bench import Bench  # noqa: E402
 from lmtrain.config import load_config  # noqa: E402
 from lmtrain.data.batching import get_batch  # noqa: E402
@@ -118,7 +119,8 @@ def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5, torch_on
 
     pairs = {"train": (ours.train_pass, theirs.train), "eval": (ours.eval_pass, theirs.evaluate),
              "generate": (lambda: ours.generate_pass(gen_tokens), lambda: theirs.generate(gen_tokens))}
-    result = {"config": path, "threads": {"torch": torch.get_num_threads()}, "steps": steps, "repeats": repeats}
+    result = {"config": path, "threads": {"torch": torch.get_num_threads()}, "steps": steps, "repeats": repeats,
+              "kernels": kernels_in_use()}
     for name, (mine, other) in pairs.items():
         if not torch_only:
             mine()  # warm-up
@@ -164,8 +166,8 @@ def main():
     if args.json:
         print(json.dumps(results))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}; "
-          f"medians of {args.repeats} {'repeats of PyTorch alone' if args.torch_only else 'alternating repeats'} "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}, "
+          f"element-wise kernels: {kernels_in_use()}; medians of {args.repeats} {'repeats of PyTorch alone' if args.torch_only else 'alternating repeats'} "
           f"of {args.steps} windows")
     print(f"{'config':<34} {'':<9} {'lmtrain':>12} {'PyTorch':>12} {'lmtrain/PyTorch':>16}")
     for r in results:

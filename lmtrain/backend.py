@@ -93,3 +93,48 @@ def parallel_rows(fn, n_rows, row_size):
     futures = [_pool.submit(fn, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     for f in futures:
         f.result()
+
+
+# Fused element-wise kernels (lmtrain/nn/fused.py, compiled by numba: the optional `fast` extra) stand
+# in for numpy's chains of element-wise calls where numba is installed.  They are chosen once, on first
+# use, so a process without numba never imports it.
+KERNEL_CHOICES = ("auto", "numba", "numpy")
+_fused = False  # not chosen yet; then the kernels module, or None for the numpy path
+
+
+def use_kernels(setting="auto"):
+    """Choose the element-wise path and return its name, "numba" or "numpy".
+
+    ``setting`` (train.kernels) is one of KERNEL_CHOICES; the environment variable LMTRAIN_KERNELS,
+    when set, overrides it.  "auto" takes numba when it imports, "numba" insists on it.
+    """
+    import os
+    from lmtrain.errors import ConfigError
+    global _fused
+    env = os.environ.get("LMTRAIN_KERNELS")
+    chosen = env or setting
+    if chosen not in KERNEL_CHOICES:
+        where = "LMTRAIN_KERNELS" if env else "train.kernels"
+        raise ConfigError(f"{where} is {chosen!r}; choose one of {', '.join(KERNEL_CHOICES)}")
+    _fused = None
+    if chosen != "numpy":
+        try:
+            from lmtrain.nn import fused as module
+        except ImportError as e:
+            if chosen == "numba":
+                raise ConfigError(f"the numba kernels were asked for but cannot be loaded ({e}): "
+                                  "pip install -e '.[fast]', or set train.kernels to auto") from None
+        else:
+            _fused = module
+    return kernels_in_use()
+
+
+def fused():
+    """The fused kernels module when in use, else None (the numpy path)."""
+    if _fused is False:
+        use_kernels()
+    return _fused
+
+
+def kernels_in_use():
+    return "numpy" if fused() is None else "numba"

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from lmtrain.backend import xp
+from lmtrain.backend import kernels_in_use, xp
 from lmtrain.data.batching import get_batch
 from lmtrain.data.corpus import Corpus
 from lmtrain.data.vocab import EOS, UNK, Vocab
@@ -167,7 +167,7 @@ class Bench:
         for k in range(self.steps):
             x, y = get_batch(self.trainer.train_data, k * t.bptt, t.bptt)
             logits, state = model.forward(xp.asarray(x), state, train=False)
-            model.loss(logits, xp.asarray(y))
+            model.loss(logits, xp.asarray(y), grad=False)
 
     def generate_pass(self, tokens=50, seed=0):
         """Batch 1, one token at a time: forward, softmax, sampling (what `lmtrain generate` does)."""
@@ -236,7 +236,8 @@ def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
                    "num_layers": cfg.model.num_layers, "dropout": cfg.model.dropout,
                    "tie_weights": cfg.model.tie_weights, "vocab_size": vocab_size, "softmax": cfg.model.softmax,
                    "adaptive_cutoffs": cfg.model.adaptive_cutoffs, "tail_rows": b.tail_rows,
-                   "batch_size": t.batch_size, "bptt": t.bptt, "optimizer": t.optimizer, "dtype": t.dtype},
+                   "batch_size": t.batch_size, "bptt": t.bptt, "optimizer": t.optimizer, "dtype": t.dtype,
+                   "kernels": kernels_in_use()},
         "ranks": world.size,
         "threads": {"blas": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
                     "blas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default"),
@@ -262,7 +263,7 @@ def format_report(r):
     lines = [
         f"model: emb {c['emb_size']}, {c['num_layers']} x {c['hidden_size']}, dropout {c['dropout']}, "
         f"tied {c['tie_weights']}, vocabulary {c['vocab_size']:,}; batch {c['batch_size']}, bptt {c['bptt']}, "
-        f"{c['optimizer']}, {c['dtype']}",
+        f"{c['optimizer']}, {c['dtype']}; element-wise kernels: {c['kernels']}",
         *([f"softmax     adaptive, cutoffs {c['adaptive_cutoffs']}; targets per window in each tail cluster: "
            + ", ".join(f"{n:.1f}" for n in c["tail_rows"])] if c["softmax"] == "adaptive" else []),
         f"training    {r['train_tokens_per_s']:>10,.0f} tokens/s   {r['train_step_ms']:.1f} ms per window, "

@@ -34,7 +34,9 @@ def _start_world():
 
 
 def _set_threads(world, cfg):
-    """train.threads_per_rank, or under MPI the cores shared among the ranks of each node."""
+    """train.threads_per_rank, or under MPI the cores shared among the ranks of each node; and train.kernels."""
+    from lmtrain.backend import use_kernels
+    use_kernels(cfg.train.kernels)
     if world.size > 1 or cfg.train.threads_per_rank:
         from lmtrain.backend import set_threads
         from lmtrain.world import threads_per_rank
@@ -77,11 +79,13 @@ def fit(config, overrides, run_dir, resume, overwrite, quiet, debug):
 
 def _load_for_eval(ckpt, as_json):
     """(checkpoint, model, vocab, config, corpus loader) of a checkpoint to evaluate."""
+    from lmtrain.backend import use_kernels
     from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
     from lmtrain.data.sources import load_corpus
 
     loaded = load_checkpoint(ckpt)
     model, vocab, cfg = model_from_checkpoint(loaded)
+    use_kernels(cfg.train.kernels)
     quiet = lambda *a, **k: None  # noqa: E731  keep stdout clean for --json
     return loaded, model, vocab, cfg, lambda: load_corpus(cfg.data, log=quiet if as_json else click.echo)
 

@@ -7,7 +7,7 @@ arrays plus scalars so that checkpoints can store it without pickling.
 import contextlib
 import math
 
-from lmtrain.backend import parallel_rows, xp
+from lmtrain.backend import fused, parallel_rows, xp
 
 
 def grad_norm(store):
@@ -51,9 +51,13 @@ class SGD(Optimizer):
     def step(self, lr, grad_scale=1.0):
         p, g, v = self.store.data, self.store.grad, self.velocity
         f = p.dtype.type
+        k = fused()
 
         def update(a, b):  # on a slice of the buffers: the slices run in threads
             pa, ga = p[a:b], g[a:b]
+            if k is not None and not (self.weight_decay or self.momentum):
+                k.sgd_update(pa, ga, f(lr * grad_scale))
+                return
             scale = grad_scale
             if (self.weight_decay or self.momentum) and scale != 1.0:
                 ga *= f(scale)  # both need the clipped gradient itself; plain SGD folds it into lr below
@@ -176,9 +180,18 @@ class Adam(Optimizer):
         b1, b2 = self.beta1, self.beta2
         f = self.store.data.dtype.type
         step_size = lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
+        k = fused()
+        if k is not None:
+            decoupled = self.decoupled and self.weight_decay
+            consts = [f(c) for c in (grad_scale, 0.0 if decoupled else self.weight_decay,
+                                     1.0 - lr * self.weight_decay if decoupled else 1.0,
+                                     b1, 1 - b1, b2, 1 - b2, self.eps, step_size)]
 
         def update(a, b):  # on a slice of the buffers: the slices run in threads
             p, g, m, v, tmp = (x[a:b] for x in (self.store.data, self.store.grad, self.m, self.v, self.tmp))
+            if k is not None:
+                k.adam_update(p, g, m, v, *consts)
+                return
             if grad_scale != 1.0:
                 g *= f(grad_scale)
             if self.weight_decay and self.decoupled:

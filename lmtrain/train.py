@@ -27,7 +27,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-from lmtrain.backend import to_numpy, xp
+from lmtrain.backend import kernels_in_use, to_numpy, xp
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
 from lmtrain.config import SAFE_TO_CHANGE_ON_RESUME
 from lmtrain.data.batching import batchify, eval_streams, get_batch, window_starts
@@ -63,7 +63,7 @@ def evaluate(model, ids, batch_size, bptt=35, world=World()):
         for i in window_starts(data, bptt):
             x, y = get_batch(data, i, bptt)
             logits, state = model.forward(xp.asarray(x), state, train=False)
-            model.loss(logits, xp.asarray(y), xp.asarray(weights[i:i + len(y)]))
+            model.loss(logits, xp.asarray(y), xp.asarray(weights[i:i + len(y)]), grad=False)
             total += model.loss_sum
             count += model.loss_count
     total, count = world.sum([total, count])
@@ -557,7 +557,8 @@ def fit(cfg, run_dir, overwrite=False, resume=None, quiet=False, echo=print, res
 
     trainer = Trainer(cfg, run_dir, corpus, world=world, quiet=quiet, echo=echo, resume_hint=resume_hint)
     say(corpus.describe())
-    say(f"model: {trainer.model.num_params():,} parameters; run directory {run_dir}")
+    say(f"model: {trainer.model.num_params():,} parameters; run directory {run_dir}; "
+        f"element-wise kernels: {kernels_in_use()}")
     if ckpt is None:
         trainer.save("last.npz")  # a run is resumable from its first step
     else:

@@ -33,6 +33,18 @@ def optional(module, what):
         needs(module, False, what)
 
 
+@pytest.fixture(params=["numpy", "numba"])
+def each_path(request, monkeypatch):
+    """Run the test on the numpy path and on the fused kernels (numba, the fast extra) in turn."""
+    from lmtrain import backend
+    if request.param == "numba":
+        optional("numba", "pip install -e '.[fast]'")  # inside a fixture: skips (or fails) this test alone
+    monkeypatch.delenv("LMTRAIN_KERNELS", raising=False)
+    monkeypatch.setattr(backend, "_fused", backend._fused)
+    backend.use_kernels(request.param)
+    return request.param
+
+
 @pytest.fixture
 def ptb():
     path = ptb_dir()

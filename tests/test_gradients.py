@@ -12,6 +12,11 @@ from tests.test_adaptive import adaptive_layer
 TOL = 1e-6
 
 
+@pytest.fixture(autouse=True)
+def _on_each_path(each_path):
+    """Every check runs on the numpy path and through the fused kernels."""
+
+
 def check_layer(layer, forward, inputs, out_shape_fn, seed=0):
     """Generic check: loss = sum(forward(*inputs) * R) for a fixed random R.
 

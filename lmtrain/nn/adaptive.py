@@ -86,7 +86,7 @@ class AdaptiveSoftmax:
             self.grads.update({f"tail.{i}.proj": dP, f"tail.{i}.weight": out.grads["weight"],
                                f"tail.{i}.bias": out.grads["bias"]})
 
-    def forward(self, h, targets, weights=None):
+    def forward(self, h, targets, weights=None, grad=True):
         """Returns (mean NLL, summed NLL, summed weight) of ``targets`` given the rows ``h``, exactly:
         -log p(t) = head NLL of t's head column + (for a tail word) its NLL within its cluster."""
         t = targets.reshape(-1).astype(np.intp)
@@ -96,7 +96,7 @@ class AdaptiveSoftmax:
         # the head column of each target: its own (K + t) or its cluster's (i)
         head_targets = xp.where(where == 0, t + self.K, where - 1)
         s = self.head.forward(h)                                            # s = [h, 1] A
-        _, loss_sum, count = self.head_loss.forward(s, head_targets, weights)
+        _, loss_sum, count = self.head_loss.forward(s, head_targets, weights, grad=grad)
         self.rows, self.h_rows = [], []
         for i, (P, out, loss) in enumerate(zip(self.projs, self.outs, self.tail_losses)):
             rows = xp.flatnonzero(where == i + 1)                           # R_i
@@ -106,7 +106,7 @@ class AdaptiveSoftmax:
             if len(rows):
                 z = out.forward(h_rows @ P)                                 # z_i = [h P_i, 1] T_i, rows R_i only
                 _, tail_sum, _ = loss.forward(z, t[rows] - self.edges[i], None if w is None else w[rows],
-                                              divisor=count)                # -log softmax(z_i)[t - c_i]
+                                              divisor=count, grad=grad)     # -log softmax(z_i)[t - c_i]
                 loss_sum += tail_sum
         self.count = max(count, 1.0)
         return loss_sum / self.count, loss_sum, count

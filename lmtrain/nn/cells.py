@@ -19,8 +19,12 @@ tanh' at every step, and vanishes or explodes.
 ``x W_x + b`` of every step and every weight gradient are single products over
 the whole window; only ``h_{t-1} W_h`` and the element-wise cell run per step
 (``forward``/``backward`` of a cell: one window; ``step_*``: one time step).
+
+Where the fused kernels are in use (``lmtrain.backend.fused``, numba) each
+step's element-wise work is one call to a kernel of ``lmtrain/nn/fused.py``
+doing what the numpy lines beside it do, in one pass.
 """
-from lmtrain.backend import xp
+from lmtrain.backend import fused, xp
 
 
 def times_wh_t(d, Wh, out):
@@ -122,9 +126,14 @@ class LSTMCell(Cell):
         self.act, self.h, self.c, self.tanh_c, self.dact = ax, b["h"], b["c"], b["tanh_c"], b["dact"]
         h, c, u = self.h, self.c, b["u"]
         h[0], c[0] = state
+        k = fused()
         for t in range(T):
-            ax[t] += xp.matmul(h[t], Wh, out=u[t])
-            self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
+            xp.matmul(h[t], Wh, out=u[t])
+            if k is not None:
+                k.lstm_step_forward(ax[t], u[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
+            else:
+                ax[t] += u[t]
+                self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
         return h, (h[T].copy(), c[T].copy())
 
     def backward(self, dh_out, dstate, Wh, extra):
@@ -135,12 +144,16 @@ class LSTMCell(Cell):
             dh_next, dc = xp.zeros((B, H), dh_out.dtype), xp.zeros((B, H), dh_out.dtype)
         else:
             dh_next, dc = dstate[0].copy(), dstate[1].copy()
+        k = None if self.probe is not None else fused()  # the probe reads dh and dc, which the kernel never forms
         for t in reversed(range(T)):
-            dh = dh_out[t] + dh_next
-            dc_t = dc  # step_backward completes it in place: the whole gradient at c_t
-            dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
-            if self.probe is not None:
-                self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
+            if k is not None:  # dc becomes the gradient at c_{t-1} in place
+                k.lstm_step_backward(self.act[t], self.c[t], self.tanh_c[t], dh_out[t], dh_next, dc, dact[t])
+            else:
+                dh = dh_out[t] + dh_next
+                dc_t = dc  # step_backward completes it in place: the whole gradient at c_t
+                dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
+                if self.probe is not None:
+                    self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
             dh_next = times_wh_t(dact[t], Wh, dhT)
         return dact, dact, (dh_next, dc), {}
 
@@ -162,8 +175,12 @@ class GRUCell(Cell):
         self.act, self.h, self.un, self.dax, self.dah = ax, b["h"], b["un"], b["dax"], b["dah"]
         h, un, b_hn = self.h, self.un, extra["bias_h"]
         h[0], = state
+        k = fused()
         for t in range(T):
             u = h[t] @ Wh
+            if k is not None:
+                k.gru_step_forward(ax[t], u, b_hn, h[t], un[t], h[t + 1])
+                continue
             a = ax[t]
             a[:, :2 * H] += u[:, :2 * H]
             sigmoid_(a[:, :2 * H])                       # r, z
@@ -182,6 +199,14 @@ class GRUCell(Cell):
         act, h, un, dax, dah = self.act, self.h, self.un, self.dax, self.dah
         dhT = xp.empty((H, B), dh_out.dtype)
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
+        k = None if self.probe is not None else fused()
+        if k is not None:
+            # the gradient at h_t arrives in three parts: from the output, through z and through W_h
+            dh_w = xp.zeros((B, H), dh_out.dtype)
+            for t in reversed(range(T)):
+                k.gru_step_backward(act[t], un[t], h[t], dh_out[t], dh_next, dh_w, dax[t], dah[t])
+                dh_w = times_wh_t(dah[t], Wh, dhT)
+            return dax, dah, (dh_next + dh_w,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
         for t in reversed(range(T)):
             r, z, n = act[t, :, :H], act[t, :, H:2 * H], act[t, :, 2 * H:]
             dh = dh_out[t] + dh_next
@@ -212,7 +237,11 @@ class RNNCell(Cell):
         self.h, self.da = b["h"], b["da"]
         h = self.h
         h[0], = state
+        k = fused()
         for t in range(T):
+            if k is not None:
+                k.rnn_step_forward(ax[t], h[t] @ Wh, h[t + 1])
+                continue
             ax[t] += h[t] @ Wh
             xp.tanh(ax[t], out=h[t + 1])
         return h, (h[T].copy(),)
@@ -222,11 +251,15 @@ class RNNCell(Cell):
         h, da = self.h, self.da
         dhT = xp.empty((H, B), dh_out.dtype)
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
+        k = None if self.probe is not None else fused()
         for t in reversed(range(T)):
-            xp.add(dh_out[t], dh_next, out=da[t])
-            if self.probe is not None:
-                self.probe.append({"h": da[t].copy()})
-            da[t] *= 1.0 - h[t + 1] * h[t + 1]
+            if k is not None:
+                k.rnn_step_backward(h[t + 1], dh_out[t], dh_next, da[t])
+            else:
+                xp.add(dh_out[t], dh_next, out=da[t])
+                if self.probe is not None:
+                    self.probe.append({"h": da[t].copy()})
+                da[t] *= 1.0 - h[t + 1] * h[t + 1]
             dh_next = times_wh_t(da[t], Wh, dhT)
         return da, da, (dh_next,), {}
 

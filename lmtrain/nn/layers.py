@@ -9,7 +9,7 @@ steps over B parallel streams.
 """
 import numpy as np
 
-from lmtrain.backend import parallel_rows, xp
+from lmtrain.backend import fused, parallel_rows, xp
 
 
 def row_buffer(buf, n, cols, dtype, new=xp.empty):
@@ -172,7 +172,9 @@ class SoftmaxCrossEntropy:
     infinite or below 1e-30) is redone with its maximum subtracted.  With the
     division by the sum deferred to backward, where it joins the 1/N
     scaling, training makes three passes over the logits (exp, sum, scale)
-    instead of seven, and evaluation two; each is split over threads.
+    instead of seven, and evaluation two; each is split over threads.  The fused
+    kernels (``lmtrain.nn.fused``) do it the textbook way, maximum first: in one
+    loop over a row its two passes cost less than numpy's one exp call.
     """
 
     TINY = 1e-30
@@ -181,11 +183,12 @@ class SoftmaxCrossEntropy:
         self.params, self.grads = {}, {}
         self.exps = self.exps_buf = None
 
-    def forward(self, logits, targets, weights=None, divisor=None):
+    def forward(self, logits, targets, weights=None, divisor=None, grad=True):
         """Returns (mean loss, summed loss, summed weight); keeps exp(logits) for backward.
 
         ``divisor``, when given, replaces the summed weight as the divisor of the mean (the adaptive
         softmax divides each tail cluster's NLL by the count of all the window's targets).
+        ``grad=False`` promises no backward (evaluation): the fused path then keeps nothing.
         """
         N, V = logits.shape
         t = targets.reshape(-1).astype(np.intp)
@@ -193,6 +196,16 @@ class SoftmaxCrossEntropy:
         self.exps_buf = row_buffer(self.exps_buf, N, V, logits.dtype)
         self.exps = exps = self.exps_buf[:N]
         sums = xp.empty(N, logits.dtype)
+        k = fused()
+        if k is not None:
+            nll = xp.empty(N, logits.dtype)
+            if grad:
+                parallel_rows(lambda a, b: k.softmax_rows(logits[a:b], t[a:b], exps[a:b], sums[a:b], nll[a:b]),
+                              N, V)
+            else:
+                self.exps = None
+                parallel_rows(lambda a, b: k.nll_rows(logits[a:b], t[a:b], nll[a:b]), N, V)
+            return self._finish(nll, sums, t, rows, weights, divisor, logits.dtype)
 
         def exp_and_sum(a, b):
             with np.errstate(over="ignore", under="ignore"):
@@ -207,12 +220,16 @@ class SoftmaxCrossEntropy:
             exps[redo] = xp.exp(logits[redo] - shift[redo, None])
             sums[redo] = exps[redo].sum(axis=1)
         nll = xp.log(sums) + (shift - logits[rows, t])  # (shift - logit) first: both may be large
+        return self._finish(nll, sums, t, rows, weights, divisor, logits.dtype)
+
+    def _finish(self, nll, sums, t, rows, weights, divisor, dtype):
+        N = len(nll)
         self.sums, self.targets, self.rows = sums, t, rows
         if weights is None:
             self.weights = None
             loss_sum, count = float(nll.sum(dtype=np.float64)), float(N)
         else:
-            w = weights.reshape(-1).astype(logits.dtype)
+            w = weights.reshape(-1).astype(dtype)
             self.weights = w
             count = float(w.sum(dtype=np.float64))
             loss_sum = float((nll * w).sum(dtype=np.float64))
@@ -226,6 +243,12 @@ class SoftmaxCrossEntropy:
         scale = (1.0 / (self.sums * self.count)).astype(d.dtype)
         if w is not None:
             scale *= w
+        k = fused()
+        if k is not None:
+            t = self.targets
+            at_target = (xp.full(len(t), 1.0 / self.count, d.dtype) if w is None else w / d.dtype.type(self.count))
+            parallel_rows(lambda a, b: k.softmax_grad_rows(d[a:b], scale[a:b], t[a:b], at_target[a:b]), *d.shape)
+            return d
         parallel_rows(lambda a, b: xp.multiply(d[a:b], scale[a:b, None], out=d[a:b]), *d.shape)
         d[self.rows, self.targets] -= (1.0 / self.count) if w is None else w / self.count
         return d

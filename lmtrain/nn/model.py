@@ -255,9 +255,10 @@ class LanguageModel:
             loss += self.tar * float(xp.mean(diff * diff))
         return loss
 
-    def loss(self, out, targets, weights=None):
-        """Mean NLL of ``targets`` (T, B), the quantity perplexity is made of; ``out`` is what ``forward`` returned."""
-        mean, self.loss_sum, self.loss_count = self.loss_layer.forward(out, targets, weights)
+    def loss(self, out, targets, weights=None, grad=True):
+        """Mean NLL of ``targets`` (T, B), the quantity perplexity is made of; ``out`` is what ``forward`` returned.
+        ``grad=False``: no ``backward`` follows (evaluation), so the loss layer need not keep its softmax."""
+        mean, self.loss_sum, self.loss_count = self.loss_layer.forward(out, targets, weights, grad=grad)
         self.objective = mean + self.reg_loss
         return mean
 

@@ -1,0 +1,312 @@
+"""Fused element-wise kernels, compiled by numba: the optional ``fast`` extra.
+
+numpy runs one expression per call, each a pass over memory: the LSTM step is
+about a dozen calls forward and twenty backward, the softmax three passes over
+the (N, V) logits.  Each kernel here does the same arithmetic as the numpy code
+it stands in for (named in its docstring), in one compiled loop nest, so
+each value makes one trip through memory instead of one per operation.  The numpy code stays the reference a
+reader learns the equations from; tests/test_kernels.py holds each kernel to it.
+
+This module imports numba at the top: ``lmtrain.backend.use_kernels`` imports
+it only when numba is installed and not turned off (``LMTRAIN_KERNELS=numpy``
+or ``train.kernels: numpy``).
+
+Three details make the loops fast (docs/performance.md has the measurements):
+
+- numba calls the C library's scalar ``tanh`` and ``exp``, which keep a loop
+  from being vectorised (a fused LSTM step with them is ~4x *slower* than
+  numpy's SIMD calls).  In float32 the kernels use ``tanh32`` and ``exp32``
+  below, written with arithmetic alone so that LLVM vectorises them; they are
+  as accurate as numpy's (within a few units in the last place).  float64 keeps
+  the C library's functions: it is the path of the gradient checks.
+- No fast-math: the kernels keep IEEE semantics and the order of their
+  sums (see ``kernel`` below), so a NaN still reaches the loss, where
+  training's non-finite-step guard sees it, and results repeat to the bit.
+- Simple loops: a loop touching many arrays stays scalar (see the forward
+  kernels), so a step is a few loops over one row each.
+
+The kernels release the GIL; the callers split long ones over threads by rows
+(``lmtrain.backend.parallel_rows``), as the numpy code does, so one thread
+count governs both paths.
+"""
+import functools
+import math
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+# IEEE arithmetic throughout (no fast-math): every kernel computes in the order its source says, so
+# two kernels summing the same terms agree to the bit (evaluation's nll_rows and training's
+# softmax_rows: dynamic evaluation at --dyn-lr 0 must equal plain evaluation exactly).  The numpy
+# error model drops the zero-division checks that would stop loops from being vectorised.
+kernel = functools.partial(njit, cache=True, nogil=True, error_model="numpy")
+inline = functools.partial(njit, error_model="numpy")  # small enough that LLVM inlines them
+
+# ---------------------------------------------------------------------------
+# tanh and exp that vectorise (float32), the C library's (float64)
+# ---------------------------------------------------------------------------
+# tanh(x) ~ x P(x^2) / Q(x^2) on |x| <= 9 (beyond it tanh rounds to +-1 in float32).  The
+# coefficients come from a rational minimax fit of relative error (6.6e-9 in exact arithmetic;
+# evaluated in float32 at most ~5 ulp, mean ~1 ulp, against numpy's 1.4 ulp), found with
+# benchmarks/fit_tanh.py.
+TANH_P = (0.9999999934042311, 0.13084006527869405, 0.003103952103765131, 1.1154262240939213e-05,
+          -2.022502358370353e-08, 5.277844597776977e-11, -8.48843278520873e-14)
+TANH_Q = (1.0, 0.464173336357353, 0.024495162351740273, 0.00025461390493381337)
+_P = tuple(np.float32(c) for c in TANH_P)
+_Q = tuple(np.float32(c) for c in TANH_Q)
+_ONE, _HALF, _NINE = np.float32(1.0), np.float32(0.5), np.float32(9.0)
+_SATURATED = np.float32(9.05)  # from here on tanh(x) rounds to +-1 in float32
+
+
+@inline
+def tanh32(x0):
+    x = min(max(x0, -_NINE), _NINE)
+    s = x * x
+    p = ((((((_P[6] * s + _P[5]) * s + _P[4]) * s + _P[3]) * s + _P[2]) * s + _P[1]) * s + _P[0])
+    q = ((_Q[3] * s + _Q[2]) * s + _Q[1]) * s + _Q[0]
+    y = min(max(x * p / q, -_ONE), _ONE)
+    return y if abs(x0) < _SATURATED else (_ONE if x0 > 0 else -_ONE)
+
+
+# exp(x) = 2^k e^r with k = round(x / ln 2), |r| <= ln(2)/2: r by Cody and Waite's two-part ln 2,
+# e^r by its Taylor series to r^7 (relative error below 1e-8 there), 2^k by writing k into a
+# float32's exponent bits.  x is clamped to [-87, 88], where 2^k stays a normal float32.
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+_TAYLOR = tuple(np.float32(1.0 / math.factorial(n)) for n in range(8))
+_EXP_LO, _EXP_HI = np.float32(-87.0), np.float32(88.0)
+
+
+@inline
+def exp32(x):
+    x = min(max(x, _EXP_LO), _EXP_HI)
+    k = np.floor(x * _LOG2E + _HALF)
+    r = x - k * _LN2_HI - k * _LN2_LO
+    t = _TAYLOR
+    p = ((((((t[7] * r + t[6]) * r + t[5]) * r + t[4]) * r + t[3]) * r + t[2]) * r + t[1]) * r + t[0]
+    return p * np.int32((np.int64(k) + 127) << 23).view(np.float32)
+
+
+def tanh(x):
+    """tanh in the kernels: tanh32 on float32, math.tanh on float64."""
+
+
+def exp(x):
+    """exp in the kernels: exp32 on float32, math.exp on float64."""
+
+
+@overload(tanh)
+def _tanh(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: tanh32(x)
+    return lambda x: math.tanh(x)
+
+
+@overload(exp)
+def _exp(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: exp32(x)
+    return lambda x: math.exp(x)
+
+
+def sigmoid(x):
+    """The logistic function as cells.sigmoid_ writes it, through tanh (no overflow for large |x|)."""
+
+
+@overload(sigmoid)
+def _sigmoid(x):
+    # constants of x's own type: a Python float would turn a float32 argument into float64
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _HALF * tanh32(_HALF * x) + _HALF
+    return lambda x: 0.5 * math.tanh(0.5 * x) + 0.5
+
+
+# ---------------------------------------------------------------------------
+# recurrent cells: one time step, forward and backward (cells.py holds the numpy versions)
+# ---------------------------------------------------------------------------
+# The forward kernels run a few simple loops per row instead of one loop doing everything: with many
+# arrays read and written in one loop, LLVM cannot prove they do not overlap and leaves it scalar
+# (3.4x slower at B = 20, H = 650); the rows stay in cache between the loops.
+@kernel
+def lstm_step_forward(a, u, c_prev, c, tanh_c, h):
+    """LSTMCell.step_forward after ``a += u``: pre-activations a (B, 4H) in the order f, i, o, g become
+    the activations in place; writes c_t, tanh(c_t) and h_t (B, H)."""
+    B, H = c.shape
+    for b in range(B):
+        ab, ub = a[b], u[b]
+        for k in range(3 * H):
+            ab[k] = sigmoid(ab[k] + ub[k])
+        for k in range(3 * H, 4 * H):
+            ab[k] = tanh(ab[k] + ub[k])
+        cb, tb, hb, cp = c[b], tanh_c[b], h[b], c_prev[b]
+        for j in range(H):
+            cb[j] = ab[j] * cp[j] + ab[H + j] * ab[3 * H + j]
+        for j in range(H):
+            tb[j] = tanh(cb[j])
+        for j in range(H):
+            hb[j] = ab[2 * H + j] * tb[j]
+
+
+@kernel
+def lstm_step_backward(act, c_prev, tanh_c, dh_out, dh_next, dc, da):
+    """LSTMCell.step_backward with ``dh = dh_out + dh_next``: writes the gradient of the
+    pre-activations into ``da`` (B, 4H) and replaces ``dc`` (the gradient arriving at c_t) with
+    the gradient at c_{t-1}."""
+    B, H = dc.shape
+    for b in range(B):
+        for j in range(H):
+            f, i, o, g = act[b, j], act[b, H + j], act[b, 2 * H + j], act[b, 3 * H + j]
+            tc = tanh_c[b, j]
+            dh = dh_out[b, j] + dh_next[b, j]
+            dcc = dc[b, j] + dh * o * (1.0 - tc * tc)
+            da[b, j] = dcc * c_prev[b, j] * f * (1.0 - f)
+            da[b, H + j] = dcc * g * i * (1.0 - i)
+            da[b, 2 * H + j] = dh * tc * o * (1.0 - o)
+            da[b, 3 * H + j] = dcc * i * (1.0 - g * g)
+            dc[b, j] = dcc * f
+
+
+@kernel
+def gru_step_forward(a, u, b_hn, h_prev, un, h):
+    """GRUCell.forward's step: a (B, 3H) = x W_x + b in the order r, z, n becomes the activations in
+    place; writes u_n + b_hn (kept for backward) and h_t."""
+    B, H = h.shape
+    for b in range(B):
+        ab, ub, unb, hb, hp = a[b], u[b], un[b], h[b], h_prev[b]
+        for k in range(2 * H):
+            ab[k] = sigmoid(ab[k] + ub[k])
+        for j in range(H):
+            unb[j] = ub[2 * H + j] + b_hn[j]
+        for j in range(H):
+            ab[2 * H + j] = tanh(ab[2 * H + j] + ab[j] * unb[j])
+        for j in range(H):
+            n = ab[2 * H + j]
+            hb[j] = n + ab[H + j] * (hp[j] - n)
+
+
+@kernel
+def gru_step_backward(act, un, h_prev, dh_out, dh_carry, dh_w, dax, dah):
+    """GRUCell.backward's step.  The gradient at h_t is ``dh_out + dh_carry + dh_w`` (the last two:
+    the parts through z and through W_h of step t+1); writes dax, dah (B, 3H) and replaces
+    ``dh_carry`` by this step's part through z, dh * z."""
+    B, H = dh_out.shape
+    for b in range(B):
+        for j in range(H):
+            r, z, n = act[b, j], act[b, H + j], act[b, 2 * H + j]
+            dh = dh_out[b, j] + dh_carry[b, j] + dh_w[b, j]
+            dan = dh * (1.0 - z) * (1.0 - n * n)
+            dr = dan * un[b, j] * r * (1.0 - r)
+            dz = dh * (h_prev[b, j] - n) * z * (1.0 - z)
+            dax[b, j], dax[b, H + j], dax[b, 2 * H + j] = dr, dz, dan
+            dah[b, j], dah[b, H + j], dah[b, 2 * H + j] = dr, dz, dan * r
+            dh_carry[b, j] = dh * z
+
+
+@kernel
+def rnn_step_forward(a, u, h):
+    """RNNCell.forward's step: h_t = tanh(a + u), with a = x W_x + b and u = h_{t-1} W_h."""
+    B, H = h.shape
+    for b in range(B):
+        for j in range(H):
+            h[b, j] = tanh(a[b, j] + u[b, j])
+
+
+@kernel
+def rnn_step_backward(h, dh_out, dh_next, da):
+    """RNNCell.backward's step: da = (dh_out + dh_next) (1 - h_t^2)."""
+    B, H = h.shape
+    for b in range(B):
+        for j in range(H):
+            hh = h[b, j]
+            da[b, j] = (dh_out[b, j] + dh_next[b, j]) * (1.0 - hh * hh)
+
+
+# ---------------------------------------------------------------------------
+# softmax cross-entropy over rows (layers.SoftmaxCrossEntropy holds the numpy version)
+# ---------------------------------------------------------------------------
+@njit(fastmath={"nnan", "nsz", "reassoc"})  # the maximum is exact in any order, so these flags let it
+def row_max(row):                             # vectorise; a NaN in the row reaches the loss through the sum
+    m = row[0]
+    for v in range(1, row.shape[0]):
+        m = max(m, row[v])
+    return m
+
+
+@inline
+def row_exp(row, m, out):
+    """out = exp(row - m)."""
+    for v in range(row.shape[0]):
+        out[v] = exp(row[v] - m)
+
+
+@njit(fastmath={"reassoc", "nsz"})  # re-associated, so that it vectorises: one compiled order, used by
+def row_sum(x):                      # every kernel below, so they agree to the bit
+    s = 0.0  # float64 partial sums, whatever the row's type
+    for v in range(x.shape[0]):
+        s += x[v]
+    return s
+
+
+@kernel
+def softmax_rows(logits, targets, exps, sums, nll):
+    """For each row n with maximum m_n: e = exp(logits - m_n) (into ``exps``), their sum (``sums``) and
+    -log p(target) = log(sum) + m_n - logit[target] (``nll``).  The maximum costs a pass that reads
+    only, over a row the next pass then finds in cache; with it no row can overflow."""
+    N = logits.shape[0]
+    for n in range(N):
+        row = logits[n]
+        m = row_max(row)
+        row_exp(row, m, exps[n])
+        s = row_sum(exps[n])
+        sums[n] = s
+        nll[n] = math.log(s) + (m - row[targets[n]])
+
+
+@kernel
+def nll_rows(logits, targets, nll):
+    """softmax_rows for evaluation: -log p(target) alone.  The exps of a row go to one scratch row that
+    stays in cache instead of an (N, V) array, and are summed by the same code, so the result is the same."""
+    N = logits.shape[0]
+    scratch = np.empty(logits.shape[1], logits.dtype)
+    for n in range(N):
+        row = logits[n]
+        m = row_max(row)
+        row_exp(row, m, scratch)
+        nll[n] = math.log(row_sum(scratch)) + (m - row[targets[n]])
+
+
+@kernel
+def softmax_grad_rows(exps, scale, targets, target_scale):
+    """d loss / d logits in place of ``exps``: e_n * scale_n, minus target_scale_n at the target."""
+    N, V = exps.shape
+    for n in range(N):
+        row, k = exps[n], scale[n]
+        for v in range(V):
+            row[v] *= k
+        row[targets[n]] -= target_scale[n]
+
+
+# ---------------------------------------------------------------------------
+# optimizer updates on a slice of the flat parameter buffer (optim.py holds the numpy versions)
+# ---------------------------------------------------------------------------
+# The scalars come in the buffers' type (a Python float would make the arithmetic float64).
+@kernel
+def sgd_update(p, g, lr_scale):
+    """Plain SGD: p -= (lr * clip scale) g."""
+    for k in range(p.shape[0]):
+        p[k] -= lr_scale * g[k]
+
+
+@kernel
+def adam_update(p, g, m, v, grad_scale, l2, shrink, b1, c1, b2, c2, eps, step_size):
+    """Adam with the bias correction folded into ``step_size``: g' = grad_scale g + l2 p;
+    m = b1 m + c1 g'; v = b2 v + c2 g'^2 (c = 1 - b); p = shrink p - step_size m / (sqrt(v) + eps),
+    where ``shrink`` is AdamW's 1 - lr wd (1 otherwise)."""
+    for k in range(p.shape[0]):
+        pk = p[k]
+        gk = grad_scale * g[k] + l2 * pk
+        mk = b1 * m[k] + c1 * gk
+        vk = b2 * v[k] + c2 * (gk * gk)
+        m[k], v[k] = mk, vk
+        p[k] = shrink * pk - step_size * (mk / (np.sqrt(vk) + eps))
