@@ -33,15 +33,21 @@ def optional(module, what):
         needs(module, False, what)
 
 
-@pytest.fixture(params=["numpy", "numba"])
-def each_path(request, monkeypatch):
-    """Run the test on the numpy path and on the fused kernels (numba, the fast extra) in turn."""
+@pytest.fixture
+def on_path(monkeypatch):
+    """``on_path(name)`` switches the element-wise path ("numpy" or "numba") for the rest of the test."""
     from lmtrain import backend
+    monkeypatch.delenv("LMTRAIN_KERNELS", raising=False)
+    monkeypatch.setattr(backend, "_fused", backend._fused)  # restored after the test
+    return backend.use_kernels
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def each_path(request, on_path):
+    """Run the test on the numpy path and on the fused kernels (numba, the fast extra) in turn."""
     if request.param == "numba":
         optional("numba", "pip install -e '.[fast]'")  # inside a fixture: skips (or fails) this test alone
-    monkeypatch.delenv("LMTRAIN_KERNELS", raising=False)
-    monkeypatch.setattr(backend, "_fused", backend._fused)
-    backend.use_kernels(request.param)
+    on_path(request.param)
     return request.param
 
 

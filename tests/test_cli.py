@@ -1,5 +1,6 @@
 """The command line as a user runs it: real processes, real exit codes, one-line errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import pytest
 from lmtrain.train import perplexity
 
 
-def lmtrain(*args, check=None):
-    proc = subprocess.run([sys.executable, "-m", "lmtrain", *map(str, args)], capture_output=True, text=True)
+def lmtrain(*args, check=None, env=None):
+    """Run the CLI in a subprocess; ``env``: variables set for it on top of this process's environment."""
+    proc = subprocess.run([sys.executable, "-m", "lmtrain", *map(str, args)], capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     if check is not None:
         assert proc.returncode == check, proc.stderr
     return proc

@@ -18,17 +18,10 @@ from lmtrain.nn.layers import SoftmaxCrossEntropy
 from lmtrain.nn.params import ParamStore
 from lmtrain.optim import SGD, Adam
 from tests.conftest import ROOT, optional
+from tests.test_cli import lmtrain
 
 optional("numba", "pip install -e '.[fast]'")
 from lmtrain.nn import fused  # noqa: E402
-
-
-@pytest.fixture
-def on_path(monkeypatch):
-    """``on_path(name)`` switches the element-wise path for the rest of the test; restored after it."""
-    monkeypatch.delenv("LMTRAIN_KERNELS", raising=False)
-    monkeypatch.setattr(backend, "_fused", backend._fused)
-    return backend.use_kernels
 
 
 def ulps(a, ref):
@@ -206,24 +199,18 @@ def test_fixed_seed_curves_agree_over_200_steps(on_path, cell, rtol):
     assert np.abs(b / a - 1).max() < rtol
 
 
-def run_cli(args, env_extra):
-    env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-m", "lmtrain", *args], capture_output=True, text=True, env=env,
-                          cwd=os.getcwd())
-
-
 def test_fit_says_which_path_runs_and_the_environment_overrides_the_config(tiny_config):
-    r = run_cli(["fit", str(tiny_config), "--set", "train.epochs=1", "--set", "train.kernels=numba"],
-                {"LMTRAIN_KERNELS": "numpy"})
+    r = lmtrain("fit", tiny_config, "--set", "train.epochs=1", "--set", "train.kernels=numba",
+                env={"LMTRAIN_KERNELS": "numpy"})
     assert r.returncode == 0, r.stderr
     assert "element-wise kernels: numpy" in r.stdout
-    r = run_cli(["fit", str(tiny_config), "--set", "train.epochs=1", "--overwrite"], {"LMTRAIN_KERNELS": ""})
+    r = lmtrain("fit", tiny_config, "--set", "train.epochs=1", "--overwrite", env={"LMTRAIN_KERNELS": ""})
     assert r.returncode == 0, r.stderr
     assert "element-wise kernels: numba" in r.stdout
 
 
 def test_bad_kernel_setting_is_one_line(tiny_config):
-    r = run_cli(["fit", str(tiny_config)], {"LMTRAIN_KERNELS": "cuda"})
+    r = lmtrain("fit", tiny_config, env={"LMTRAIN_KERNELS": "cuda"})
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "LMTRAIN_KERNELS is 'cuda'; choose one of auto, numba, numpy" in r.stderr
 

@@ -206,25 +206,26 @@ class GRUCell(Cell):
             for t in reversed(range(T)):
                 k.gru_step_backward(act[t], un[t], h[t], dh_out[t], dh_next, dh_w, dax[t], dah[t])
                 dh_w = times_wh_t(dah[t], Wh, dhT)
-            return dax, dah, (dh_next + dh_w,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
-        for t in reversed(range(T)):
-            r, z, n = act[t, :, :H], act[t, :, H:2 * H], act[t, :, 2 * H:]
-            dh = dh_out[t] + dh_next
-            dan = dh * (1.0 - z)
-            dan *= 1.0 - n * n                              # through tanh
-            dax[t, :, 2 * H:] = dan
-            xp.multiply(dan, r, out=dah[t, :, 2 * H:])      # d u_n
-            dr = dan * un[t]
-            dz = dh * (h[t] - n)
-            dr *= r * (1.0 - r)
-            dz *= z * (1.0 - z)
-            dax[t, :, :H] = dr
-            dax[t, :, H:2 * H] = dz
-            dah[t, :, :2 * H] = dax[t, :, :2 * H]
-            if self.probe is not None:
-                self.probe.append({"h": dh.copy()})
-            dh_next = dh * z
-            dh_next += times_wh_t(dah[t], Wh, dhT)
+            dh_next += dh_w
+        else:
+            for t in reversed(range(T)):
+                r, z, n = act[t, :, :H], act[t, :, H:2 * H], act[t, :, 2 * H:]
+                dh = dh_out[t] + dh_next
+                dan = dh * (1.0 - z)
+                dan *= 1.0 - n * n                              # through tanh
+                dax[t, :, 2 * H:] = dan
+                xp.multiply(dan, r, out=dah[t, :, 2 * H:])      # d u_n
+                dr = dan * un[t]
+                dz = dh * (h[t] - n)
+                dr *= r * (1.0 - r)
+                dz *= z * (1.0 - z)
+                dax[t, :, :H] = dr
+                dax[t, :, H:2 * H] = dz
+                dah[t, :, :2 * H] = dax[t, :, :2 * H]
+                if self.probe is not None:
+                    self.probe.append({"h": dh.copy()})
+                dh_next = dh * z
+                dh_next += times_wh_t(dah[t], Wh, dhT)
         return dax, dah, (dh_next,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
 
 

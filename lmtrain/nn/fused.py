@@ -4,8 +4,9 @@ numpy runs one expression per call, each a pass over memory: the LSTM step is
 about a dozen calls forward and twenty backward, the softmax three passes over
 the (N, V) logits.  Each kernel here does the same arithmetic as the numpy code
 it stands in for (named in its docstring), in one compiled loop nest, so
-each value makes one trip through memory instead of one per operation.  The numpy code stays the reference a
-reader learns the equations from; tests/test_kernels.py holds each kernel to it.
+each value makes one trip through memory instead of one per operation.  The
+numpy code stays the reference a reader learns the equations from;
+tests/test_kernels.py holds each kernel to it.
 
 This module imports numba at the top: ``lmtrain.backend.use_kernels`` imports
 it only when numba is installed and not turned off (``LMTRAIN_KERNELS=numpy``

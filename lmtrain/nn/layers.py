@@ -193,18 +193,18 @@ class SoftmaxCrossEntropy:
         N, V = logits.shape
         t = targets.reshape(-1).astype(np.intp)
         rows = xp.arange(N)
+        k = fused()
+        if k is not None and not grad:  # nothing kept, so no (N, V) buffer either
+            self.exps = None
+            nll = xp.empty(N, logits.dtype)
+            parallel_rows(lambda a, b: k.nll_rows(logits[a:b], t[a:b], nll[a:b]), N, V)
+            return self._finish(nll, None, t, rows, weights, divisor, logits.dtype)
         self.exps_buf = row_buffer(self.exps_buf, N, V, logits.dtype)
         self.exps = exps = self.exps_buf[:N]
         sums = xp.empty(N, logits.dtype)
-        k = fused()
         if k is not None:
             nll = xp.empty(N, logits.dtype)
-            if grad:
-                parallel_rows(lambda a, b: k.softmax_rows(logits[a:b], t[a:b], exps[a:b], sums[a:b], nll[a:b]),
-                              N, V)
-            else:
-                self.exps = None
-                parallel_rows(lambda a, b: k.nll_rows(logits[a:b], t[a:b], nll[a:b]), N, V)
+            parallel_rows(lambda a, b: k.softmax_rows(logits[a:b], t[a:b], exps[a:b], sums[a:b], nll[a:b]), N, V)
             return self._finish(nll, sums, t, rows, weights, divisor, logits.dtype)
 
         def exp_and_sum(a, b):
