@@ -72,7 +72,9 @@ def tanh32(x0):
 
 # exp(x) = 2^k e^r with k = round(x / ln 2), |r| <= ln(2)/2: r by Cody and Waite's two-part ln 2,
 # e^r by its Taylor series to r^7 (relative error below 1e-8 there), 2^k by writing k into a
-# float32's exponent bits.  x is clamped to [-87, 88], where 2^k stays a normal float32.
+# float32's exponent bits.  x is clamped to [-87, 88], where 2^k stays a normal float32.  k goes
+# through int32, not int64: AVX2 converts eight floats to int32 in one instruction but has no
+# vector conversion to int64, so an int64 k would leave the loop scalar (exp32 takes half the time).
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
 _TAYLOR = tuple(np.float32(1.0 / math.factorial(n)) for n in range(8))
@@ -86,7 +88,7 @@ def exp32(x):
     r = x - k * _LN2_HI - k * _LN2_LO
     t = _TAYLOR
     p = ((((((t[7] * r + t[6]) * r + t[5]) * r + t[4]) * r + t[3]) * r + t[2]) * r + t[1]) * r + t[0]
-    return p * np.int32((np.int64(k) + 127) << 23).view(np.float32)
+    return p * np.int32((np.int32(k) + 127) << 23).view(np.float32)
 
 
 def tanh(x):
@@ -249,17 +251,37 @@ def row_sum(x):                      # every kernel below, so they agree to the 
     return s
 
 
+# Shifting a row by its maximum keeps exp from overflowing, but finding the maximum is a pass over the
+# row that reads it from memory (a third of the softmax's time at (700, 10000)).  Logits are rarely
+# large, so the kernels first exponentiate the row unshifted, the way the numpy path does, and judge the
+# sum: inside these bounds no term overflowed or was clamped by exp32 (a term above e^64 makes the sum
+# larger; the sum stays below float32's largest value for any vocabulary under 10^10 words), and the
+# largest term is above e^-40 - V e^-87, so the terms clamped at e^-87 weigh nothing.  Outside them,
+# or NaN, the row is done again shifted by its maximum.
+_SUM_LO, _SUM_HI = math.exp(-40.0), math.exp(64.0)
+
+
+@inline
+def row_exp_sum(row, out):
+    """out = exp(row - m) and its sum s; returns (m, s) with m = 0 when it is safe, else the row's maximum."""
+    m = row.dtype.type(0)
+    row_exp(row, m, out)
+    s = row_sum(out)
+    if not (_SUM_LO <= s < _SUM_HI):
+        m = row_max(row)
+        row_exp(row, m, out)
+        s = row_sum(out)
+    return m, s
+
+
 @kernel
 def softmax_rows(logits, targets, exps, sums, nll):
-    """For each row n with maximum m_n: e = exp(logits - m_n) (into ``exps``), their sum (``sums``) and
-    -log p(target) = log(sum) + m_n - logit[target] (``nll``).  The maximum costs a pass that reads
-    only, over a row the next pass then finds in cache; with it no row can overflow."""
+    """For each row n: e = exp(logits - m_n) (into ``exps``), their sum (``sums``) and
+    -log p(target) = log(sum) + m_n - logit[target] (``nll``), with m_n from ``row_exp_sum``."""
     N = logits.shape[0]
     for n in range(N):
         row = logits[n]
-        m = row_max(row)
-        row_exp(row, m, exps[n])
-        s = row_sum(exps[n])
+        m, s = row_exp_sum(row, exps[n])
         sums[n] = s
         nll[n] = math.log(s) + (m - row[targets[n]])
 
@@ -272,9 +294,8 @@ def nll_rows(logits, targets, nll):
     scratch = np.empty(logits.shape[1], logits.dtype)
     for n in range(N):
         row = logits[n]
-        m = row_max(row)
-        row_exp(row, m, scratch)
-        nll[n] = math.log(row_sum(scratch)) + (m - row[targets[n]])
+        m, s = row_exp_sum(row, scratch)
+        nll[n] = math.log(s) + (m - row[targets[n]])
 
 
 @kernel
