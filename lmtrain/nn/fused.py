@@ -17,9 +17,10 @@ Three details make the loops fast (docs/performance.md has the measurements):
 - numba calls the C library's scalar ``tanh`` and ``exp``, which keep a loop
   from being vectorised (a fused LSTM step with them is ~4x *slower* than
   numpy's SIMD calls).  In float32 the kernels use ``tanh32`` and ``exp32``
-  below, written with arithmetic alone so that LLVM vectorises them; they are
-  as accurate as numpy's (within a few units in the last place).  float64 keeps
-  the C library's functions: it is the path of the gradient checks.
+  below, written with arithmetic alone (and only the integer conversions AVX2
+  has) so that LLVM vectorises them; they are as accurate as numpy's (within a
+  few units in the last place).  float64 keeps the C library's functions: it
+  is the path of the gradient checks.
 - No fast-math: the kernels keep IEEE semantics and the order of their
   sums (see ``kernel`` below), so a NaN still reaches the loss, where
   training's non-finite-step guard sees it, and results repeat to the bit.

@@ -173,8 +173,8 @@ class SoftmaxCrossEntropy:
     division by the sum deferred to backward, where it joins the 1/N
     scaling, training makes three passes over the logits (exp, sum, scale)
     instead of seven, and evaluation two; each is split over threads.  The fused
-    kernels (``lmtrain.nn.fused``) do it the textbook way, maximum first: in one
-    loop over a row its two passes cost less than numpy's one exp call.
+    kernels (``lmtrain.nn.fused``) follow the same recipe row by row, judging
+    each row by its sum and redoing it shifted by its maximum where needed.
     """
 
     TINY = 1e-30
