@@ -129,9 +129,13 @@ def _sigmoid(x):
 # ---------------------------------------------------------------------------
 # recurrent cells: one time step, forward and backward (cells.py holds the numpy versions)
 # ---------------------------------------------------------------------------
-# The forward kernels run a few simple loops per row instead of one loop doing everything: with many
-# arrays read and written in one loop, LLVM cannot prove they do not overlap and leaves it scalar
-# (3.4x slower at B = 20, H = 650); the rows stay in cache between the loops.
+# Each kernel is a few simple loops per row over slices that start at 0, one per gate block:
+# - with many arrays read and written in one loop, LLVM cannot prove they do not overlap and leaves it
+#   scalar (3.4x slower at B = 20, H = 650);
+# - an index with an offset (``a[3 * H + j]``) may be negative as far as LLVM knows, and numba wraps
+#   negative indices, which keeps the loop scalar too: the g gate's tanh loop, written that way, took
+#   half of the LSTM step.
+# The rows stay in cache between the loops.
 @kernel
 def lstm_step_forward(a, u, c_prev, c, tanh_c, h):
     """LSTMCell.step_forward after ``a += u``: pre-activations a (B, 4H) in the order f, i, o, g become
@@ -141,15 +145,16 @@ def lstm_step_forward(a, u, c_prev, c, tanh_c, h):
         ab, ub = a[b], u[b]
         for k in range(3 * H):
             ab[k] = sigmoid(ab[k] + ub[k])
-        for k in range(3 * H, 4 * H):
-            ab[k] = tanh(ab[k] + ub[k])
+        f, i, o, g, ug = ab[:H], ab[H:2 * H], ab[2 * H:3 * H], ab[3 * H:], ub[3 * H:]
+        for j in range(H):
+            g[j] = tanh(g[j] + ug[j])
         cb, tb, hb, cp = c[b], tanh_c[b], h[b], c_prev[b]
         for j in range(H):
-            cb[j] = ab[j] * cp[j] + ab[H + j] * ab[3 * H + j]
+            cb[j] = f[j] * cp[j] + i[j] * g[j]
         for j in range(H):
             tb[j] = tanh(cb[j])
         for j in range(H):
-            hb[j] = ab[2 * H + j] * tb[j]
+            hb[j] = o[j] * tb[j]
 
 
 @kernel
@@ -159,16 +164,21 @@ def lstm_step_backward(act, c_prev, tanh_c, dh_out, dh_next, dc, da):
     the gradient at c_{t-1}."""
     B, H = dc.shape
     for b in range(B):
-        for j in range(H):
-            f, i, o, g = act[b, j], act[b, H + j], act[b, 2 * H + j], act[b, 3 * H + j]
-            tc = tanh_c[b, j]
-            dh = dh_out[b, j] + dh_next[b, j]
-            dcc = dc[b, j] + dh * o * (1.0 - tc * tc)
-            da[b, j] = dcc * c_prev[b, j] * f * (1.0 - f)
-            da[b, H + j] = dcc * g * i * (1.0 - i)
-            da[b, 2 * H + j] = dh * tc * o * (1.0 - o)
-            da[b, 3 * H + j] = dcc * i * (1.0 - g * g)
-            dc[b, j] = dcc * f
+        ab, db = act[b], da[b]
+        f, i, o, g = ab[:H], ab[H:2 * H], ab[2 * H:3 * H], ab[3 * H:]
+        df, di, do, dg = db[:H], db[H:2 * H], db[2 * H:3 * H], db[3 * H:]
+        tc, dcb, cp, dho, dhn = tanh_c[b], dc[b], c_prev[b], dh_out[b], dh_next[b]
+        # _ONE, not 1.0: a Python float would turn float32 arithmetic into float64, as in sigmoid
+        for j in range(H):  # through h_t = o tanh(c_t): to o, and on to c_t
+            dh = dho[j] + dhn[j]
+            do[j] = dh * tc[j] * o[j] * (_ONE - o[j])
+            dcb[j] = dcb[j] + dh * o[j] * (_ONE - tc[j] * tc[j])
+        for j in range(H):  # through c_t = f c_{t-1} + i g
+            dcc = dcb[j]
+            df[j] = dcc * cp[j] * f[j] * (_ONE - f[j])
+            di[j] = dcc * g[j] * i[j] * (_ONE - i[j])
+            dg[j] = dcc * i[j] * (_ONE - g[j] * g[j])
+            dcb[j] = dcc * f[j]
 
 
 @kernel
@@ -180,13 +190,13 @@ def gru_step_forward(a, u, b_hn, h_prev, un, h):
         ab, ub, unb, hb, hp = a[b], u[b], un[b], h[b], h_prev[b]
         for k in range(2 * H):
             ab[k] = sigmoid(ab[k] + ub[k])
+        r, z, n, u_n = ab[:H], ab[H:2 * H], ab[2 * H:], ub[2 * H:]
         for j in range(H):
-            unb[j] = ub[2 * H + j] + b_hn[j]
+            unb[j] = u_n[j] + b_hn[j]
         for j in range(H):
-            ab[2 * H + j] = tanh(ab[2 * H + j] + ab[j] * unb[j])
+            n[j] = tanh(n[j] + r[j] * unb[j])
         for j in range(H):
-            n = ab[2 * H + j]
-            hb[j] = n + ab[H + j] * (hp[j] - n)
+            hb[j] = n[j] + z[j] * (hp[j] - n[j])
 
 
 @kernel
@@ -255,10 +265,10 @@ def row_sum(x):                      # every kernel below, so they agree to the 
 # Shifting a row by its maximum keeps exp from overflowing, but finding the maximum is a pass over the
 # row that reads it from memory (a third of the softmax's time at (700, 10000)).  Logits are rarely
 # large, so the kernels first exponentiate the row unshifted, the way the numpy path does, and judge the
-# sum: inside these bounds no term overflowed or was clamped by exp32 (a term above e^64 makes the sum
-# larger; the sum stays below float32's largest value for any vocabulary under 10^10 words), and the
-# largest term is above e^-40 - V e^-87, so the terms clamped at e^-87 weigh nothing.  Outside them,
-# or NaN, the row is done again shifted by its maximum.
+# sum.  Below e^64 no term overflowed or was clamped from above by exp32 (any such term alone exceeds
+# e^88), and the sum fits a float32.  From e^-40 up, the terms exp32 clamps from below, at e^-87, move
+# the sum by at most V e^-87, a relative 4e-21 V: nothing.  Outside those bounds, or NaN, the row is
+# done again shifted by its maximum.
 _SUM_LO, _SUM_HI = math.exp(-40.0), math.exp(64.0)
 
 
