@@ -168,7 +168,7 @@ def lstm_step_backward(act, c_prev, tanh_c, dh_out, dh_next, dc, da):
         f, i, o, g = ab[:H], ab[H:2 * H], ab[2 * H:3 * H], ab[3 * H:]
         df, di, do, dg = db[:H], db[H:2 * H], db[2 * H:3 * H], db[3 * H:]
         tc, dcb, cp, dho, dhn = tanh_c[b], dc[b], c_prev[b], dh_out[b], dh_next[b]
-        # _ONE, not 1.0: a Python float would turn float32 arithmetic into float64, as in sigmoid
+        # _ONE, not 1.0, here and below: a Python float would turn float32 arithmetic into float64
         for j in range(H):  # through h_t = o tanh(c_t): to o, and on to c_t
             dh = dho[j] + dhn[j]
             do[j] = dh * tc[j] * o[j] * (_ONE - o[j])
@@ -209,9 +209,9 @@ def gru_step_backward(act, un, h_prev, dh_out, dh_carry, dh_w, dax, dah):
         for j in range(H):
             r, z, n = act[b, j], act[b, H + j], act[b, 2 * H + j]
             dh = dh_out[b, j] + dh_carry[b, j] + dh_w[b, j]
-            dan = dh * (1.0 - z) * (1.0 - n * n)
-            dr = dan * un[b, j] * r * (1.0 - r)
-            dz = dh * (h_prev[b, j] - n) * z * (1.0 - z)
+            dan = dh * (_ONE - z) * (_ONE - n * n)
+            dr = dan * un[b, j] * r * (_ONE - r)
+            dz = dh * (h_prev[b, j] - n) * z * (_ONE - z)
             dax[b, j], dax[b, H + j], dax[b, 2 * H + j] = dr, dz, dan
             dah[b, j], dah[b, H + j], dah[b, 2 * H + j] = dr, dz, dan * r
             dh_carry[b, j] = dh * z
@@ -233,7 +233,7 @@ def rnn_step_backward(h, dh_out, dh_next, da):
     for b in range(B):
         for j in range(H):
             hh = h[b, j]
-            da[b, j] = (dh_out[b, j] + dh_next[b, j]) * (1.0 - hh * hh)
+            da[b, j] = (dh_out[b, j] + dh_next[b, j]) * (_ONE - hh * hh)
 
 
 # ---------------------------------------------------------------------------
