@@ -171,27 +171,27 @@ class GRUCell(Cell):
     def forward(self, ax, state, Wh, extra):
         T, B, G = ax.shape
         H = self.H
-        b = self.buf.get(T, B, ax.dtype, h=(1, H), un=(0, H), dax=(0, G), dah=(0, G))
+        b = self.buf.get(T, B, ax.dtype, h=(1, H), un=(0, H), dax=(0, G), dah=(0, G), u=(0, G))
         self.act, self.h, self.un, self.dax, self.dah = ax, b["h"], b["un"], b["dax"], b["dah"]
         h, un, b_hn = self.h, self.un, extra["bias_h"]
         h[0], = state
         k = fused()
         for t in range(T):
-            u = h[t] @ Wh
+            u = xp.matmul(h[t], Wh, out=b["u"][t])
             if k is not None:
                 k.gru_step_forward(ax[t], u, b_hn, h[t], un[t], h[t + 1])
-                continue
-            a = ax[t]
-            a[:, :2 * H] += u[:, :2 * H]
-            sigmoid_(a[:, :2 * H])                       # r, z
-            xp.add(u[:, 2 * H:], b_hn, out=un[t])        # u_n + b_hn, kept for backward
-            n = a[:, 2 * H:]
-            n += a[:, :H] * un[t]
-            xp.tanh(n, out=n)
-            z = a[:, H:2 * H]
-            xp.subtract(h[t], n, out=h[t + 1])           # h_t = n + z (h_{t-1} - n)
-            h[t + 1] *= z
-            h[t + 1] += n
+            else:
+                a = ax[t]
+                a[:, :2 * H] += u[:, :2 * H]
+                sigmoid_(a[:, :2 * H])                       # r, z
+                xp.add(u[:, 2 * H:], b_hn, out=un[t])        # u_n + b_hn, kept for backward
+                n = a[:, 2 * H:]
+                n += a[:, :H] * un[t]
+                xp.tanh(n, out=n)
+                z = a[:, H:2 * H]
+                xp.subtract(h[t], n, out=h[t + 1])           # h_t = n + z (h_{t-1} - n)
+                h[t + 1] *= z
+                h[t + 1] += n
         return h, (h[T].copy(),)
 
     def backward(self, dh_out, dstate, Wh, extra):
@@ -234,17 +234,18 @@ class RNNCell(Cell):
 
     def forward(self, ax, state, Wh, extra):
         T, B, _ = ax.shape
-        b = self.buf.get(T, B, ax.dtype, h=(1, self.H), da=(0, self.H))
+        b = self.buf.get(T, B, ax.dtype, h=(1, self.H), da=(0, self.H), u=(0, self.H))
         self.h, self.da = b["h"], b["da"]
         h = self.h
         h[0], = state
         k = fused()
         for t in range(T):
+            u = xp.matmul(h[t], Wh, out=b["u"][t])
             if k is not None:
-                k.rnn_step_forward(ax[t], h[t] @ Wh, h[t + 1])
-                continue
-            ax[t] += h[t] @ Wh
-            xp.tanh(ax[t], out=h[t + 1])
+                k.rnn_step_forward(ax[t], u, h[t + 1])
+            else:
+                ax[t] += u
+                xp.tanh(ax[t], out=h[t + 1])
         return h, (h[T].copy(),)
 
     def backward(self, dh_out, dstate, Wh, extra):

@@ -192,20 +192,19 @@ class SoftmaxCrossEntropy:
         """
         N, V = logits.shape
         t = targets.reshape(-1).astype(np.intp)
-        rows = xp.arange(N)
         k = fused()
         if k is not None and not grad:  # nothing kept, so no (N, V) buffer either
             self.exps = None
             nll = xp.empty(N, logits.dtype)
             parallel_rows(lambda a, b: k.nll_rows(logits[a:b], t[a:b], nll[a:b]), N, V)
-            return self._finish(nll, None, t, rows, weights, divisor, logits.dtype)
+            return self._finish(nll, None, t, weights, divisor, logits.dtype)
         self.exps_buf = row_buffer(self.exps_buf, N, V, logits.dtype)
         self.exps = exps = self.exps_buf[:N]
         sums = xp.empty(N, logits.dtype)
         if k is not None:
             nll = xp.empty(N, logits.dtype)
             parallel_rows(lambda a, b: k.softmax_rows(logits[a:b], t[a:b], exps[a:b], sums[a:b], nll[a:b]), N, V)
-            return self._finish(nll, sums, t, rows, weights, divisor, logits.dtype)
+            return self._finish(nll, sums, t, weights, divisor, logits.dtype)
 
         def exp_and_sum(a, b):
             with np.errstate(over="ignore", under="ignore"):
@@ -219,12 +218,12 @@ class SoftmaxCrossEntropy:
             shift[redo] = logits[redo].max(axis=1)
             exps[redo] = xp.exp(logits[redo] - shift[redo, None])
             sums[redo] = exps[redo].sum(axis=1)
-        nll = xp.log(sums) + (shift - logits[rows, t])  # (shift - logit) first: both may be large
-        return self._finish(nll, sums, t, rows, weights, divisor, logits.dtype)
+        nll = xp.log(sums) + (shift - logits[xp.arange(N), t])  # (shift - logit) first: both may be large
+        return self._finish(nll, sums, t, weights, divisor, logits.dtype)
 
-    def _finish(self, nll, sums, t, rows, weights, divisor, dtype):
+    def _finish(self, nll, sums, t, weights, divisor, dtype):
         N = len(nll)
-        self.sums, self.targets, self.rows = sums, t, rows
+        self.sums, self.targets = sums, t
         if weights is None:
             self.weights = None
             loss_sum, count = float(nll.sum(dtype=np.float64)), float(N)
@@ -250,5 +249,5 @@ class SoftmaxCrossEntropy:
             parallel_rows(lambda a, b: k.softmax_grad_rows(d[a:b], scale[a:b], t[a:b], at_target[a:b]), *d.shape)
             return d
         parallel_rows(lambda a, b: xp.multiply(d[a:b], scale[a:b, None], out=d[a:b]), *d.shape)
-        d[self.rows, self.targets] -= (1.0 / self.count) if w is None else w / self.count
+        d[xp.arange(len(self.targets)), self.targets] -= (1.0 / self.count) if w is None else w / self.count
         return d
