@@ -263,10 +263,11 @@ def run(model, ids, window, cache_settings=None, dyn_settings=None, ms=None, pro
 
 
 # -- tuning, on the validation split only --------------------------------------------------------------
-CACHE_GRID = dict(window=(100, 500, 1000, 2000), theta=(0.1, 0.2, 0.3, 0.5, 0.8),
+CACHE_GRID = dict(window=(100, 500, 1000, 2000), theta=(0.1, 0.2, 0.3, 0.5, 0.8, 1.2),
                   lam=(0.05, 0.1, 0.15, 0.2, 0.3))
 DYN_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 DYN_DECAYS = (0.0, 0.003, 0.01, 0.03)
+DYN_REFINE = (0.5, 2.0)  # the grid's rates are ~3x apart: then try half and twice the best one
 
 
 def by_ppl(row):
@@ -293,9 +294,10 @@ def tune_cache(model, ids, window, grid=CACHE_GRID, progress=True):
     return sorted(rows, key=by_ppl), perplexity(total / count)
 
 
-def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, progress=True):
-    """A coordinate search: every learning rate at the middle decay, then every decay at the best rate.
-    Returns (rows sorted best first, base perplexity)."""
+def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine=DYN_REFINE, progress=True):
+    """A coordinate search: every learning rate at the middle decay, every decay at the best rate, then
+    the best rate times each factor of ``refine`` at the best decay.  Returns (rows sorted best first,
+    base perplexity)."""
     def trial(lr, decay):
         total, count, _, _ = score_stream(model, ids, segment, dynamic=DynamicEval(model, ms, lr, decay),
                                           progress=progress, desc=f"dynamic lr {lr:g} decay {decay:g}")
@@ -306,4 +308,6 @@ def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, progre
     rows = [trial(lr, middle) for lr in lrs]
     best_lr = min(rows, key=by_ppl)["lr"]
     rows += [trial(best_lr, d) for d in decays if d != middle]
+    best_decay = min(rows, key=by_ppl)["decay"]
+    rows += [trial(best_lr * f, best_decay) for f in refine]
     return sorted(rows, key=by_ppl), perplexity(total / count)

@@ -206,15 +206,24 @@ def gru_step_backward(act, un, h_prev, dh_out, dh_carry, dh_w, dax, dah):
     ``dh_carry`` by this step's part through z, dh * z."""
     B, H = dh_out.shape
     for b in range(B):
+        ab, xb, hb = act[b], dax[b], dah[b]
+        r, z, n = ab[:H], ab[H:2 * H], ab[2 * H:]
+        dr, dz, dn, dr_h, dz_h, dn_h = xb[:H], xb[H:2 * H], xb[2 * H:], hb[:H], hb[H:2 * H], hb[2 * H:]
+        dh, unb, hp, dho, dhw = dh_carry[b], un[b], h_prev[b], dh_out[b], dh_w[b]
+        for j in range(H):  # dh_carry holds the whole gradient at h_t until the last loop
+            dh[j] = dho[j] + dh[j] + dhw[j]
+        for j in range(H):  # through h_t = n + z (h_{t-1} - n) to n, and through its tanh
+            dn[j] = dh[j] * (_ONE - z[j]) * (_ONE - n[j] * n[j])
+        for j in range(H):  # to z, through its sigmoid
+            dz[j] = dh[j] * (hp[j] - n[j]) * z[j] * (_ONE - z[j])
+        for j in range(H):  # through n's r * (u_n + b_hn): to r, through its sigmoid, and to u_n
+            dr[j] = dn[j] * unb[j] * r[j] * (_ONE - r[j])
+            dn_h[j] = dn[j] * r[j]
         for j in range(H):
-            r, z, n = act[b, j], act[b, H + j], act[b, 2 * H + j]
-            dh = dh_out[b, j] + dh_carry[b, j] + dh_w[b, j]
-            dan = dh * (_ONE - z) * (_ONE - n * n)
-            dr = dan * un[b, j] * r * (_ONE - r)
-            dz = dh * (h_prev[b, j] - n) * z * (_ONE - z)
-            dax[b, j], dax[b, H + j], dax[b, 2 * H + j] = dr, dz, dan
-            dah[b, j], dah[b, H + j], dah[b, 2 * H + j] = dr, dz, dan * r
-            dh_carry[b, j] = dh * z
+            dr_h[j] = dr[j]
+            dz_h[j] = dz[j]
+        for j in range(H):
+            dh[j] = dh[j] * z[j]
 
 
 @kernel
@@ -286,20 +295,24 @@ def row_exp_sum(row, out):
 
 
 @kernel
-def softmax_rows(logits, targets, exps, sums, nll):
-    """For each row n: e = exp(logits - m_n) (into ``exps``), their sum (``sums``) and
-    -log p(target) = log(sum) + m_n - logit[target] (``nll``), with m_n from ``row_exp_sum``."""
+def softmax_rows(logits, targets, row_w, count, at_target, grad, nll):
+    """SoftmaxCrossEntropy's forward and backward for training, a row at a time: with e = exp(logits - m_n)
+    and s its sum (``row_exp_sum``), -log p(target) = log(s) + m_n - logit[target] into ``nll``, and
+    d loss / d logits = e w_n / (s count), minus ``at_target`` (w_n / count) at the target, into ``grad``."""
     N = logits.shape[0]
     for n in range(N):
-        row = logits[n]
-        m, s = row_exp_sum(row, exps[n])
-        sums[n] = s
+        row, out = logits[n], grad[n]
+        m, s = row_exp_sum(row, out)
         nll[n] = math.log(s) + (m - row[targets[n]])
+        k = _ONE / (row.dtype.type(s) * count) * row_w[n]  # the order of the numpy path's float32 operations
+        for v in range(out.shape[0]):
+            out[v] *= k
+        out[targets[n]] -= at_target[n]
 
 
 @kernel
 def nll_rows(logits, targets, nll):
-    """softmax_rows for evaluation: -log p(target) alone.  The exps of a row go to one scratch row that
+    """softmax_rows for evaluation: -log p(target) alone, no gradient.  The exps of a row go to one scratch row that
     stays in cache instead of an (N, V) array, and are summed by the same code, so the result is the same."""
     N = logits.shape[0]
     scratch = np.empty(logits.shape[1], logits.dtype)
@@ -307,17 +320,6 @@ def nll_rows(logits, targets, nll):
         row = logits[n]
         m, s = row_exp_sum(row, scratch)
         nll[n] = math.log(s) + (m - row[targets[n]])
-
-
-@kernel
-def softmax_grad_rows(exps, scale, targets, target_scale):
-    """d loss / d logits in place of ``exps``: e_n * scale_n, minus target_scale_n at the target."""
-    N, V = exps.shape
-    for n in range(N):
-        row, k = exps[n], scale[n]
-        for v in range(V):
-            row[v] *= k
-        row[targets[n]] -= target_scale[n]
 
 
 # ---------------------------------------------------------------------------

@@ -174,7 +174,9 @@ class SoftmaxCrossEntropy:
     scaling, training makes three passes over the logits (exp, sum, scale)
     instead of seven, and evaluation two; each is split over threads.  The fused
     kernels (``lmtrain.nn.fused``) follow the same recipe row by row, judging
-    each row by its sum and redoing it shifted by its maximum where needed.
+    each row by its sum and redoing it shifted by its maximum where needed;
+    in training they also scale the row into its gradient while it is still
+    in cache, so the (N, V) array makes one trip through memory, not two.
     """
 
     TINY = 1e-30
@@ -200,11 +202,19 @@ class SoftmaxCrossEntropy:
             return self._finish(nll, None, t, weights, divisor, logits.dtype)
         self.exps_buf = row_buffer(self.exps_buf, N, V, logits.dtype)
         self.exps = exps = self.exps_buf[:N]
+        self.grad_ready = False
+        if k is not None:  # the gradient too, while each row is still in cache: backward has nothing left to do
+            dtype = logits.dtype
+            w = None if weights is None else weights.reshape(-1).astype(dtype)
+            count = self._divisor(w, divisor, N)
+            row_w = xp.ones(N, dtype) if w is None else w
+            at_target = xp.full(N, 1.0 / count, dtype) if w is None else w / dtype.type(count)
+            nll = xp.empty(N, dtype)
+            parallel_rows(lambda a, b: k.softmax_rows(logits[a:b], t[a:b], row_w[a:b], dtype.type(count),
+                                                      at_target[a:b], exps[a:b], nll[a:b]), N, V)
+            self.grad_ready = True
+            return self._finish(nll, None, t, weights, divisor, dtype)
         sums = xp.empty(N, logits.dtype)
-        if k is not None:
-            nll = xp.empty(N, logits.dtype)
-            parallel_rows(lambda a, b: k.softmax_rows(logits[a:b], t[a:b], exps[a:b], sums[a:b], nll[a:b]), N, V)
-            return self._finish(nll, sums, t, weights, divisor, logits.dtype)
 
         def exp_and_sum(a, b):
             with np.errstate(over="ignore", under="ignore"):
@@ -221,6 +231,13 @@ class SoftmaxCrossEntropy:
         nll = xp.log(sums) + (shift - logits[xp.arange(N), t])  # (shift - logit) first: both may be large
         return self._finish(nll, sums, t, weights, divisor, logits.dtype)
 
+    @staticmethod
+    def _divisor(w, divisor, N):
+        """What the summed loss is divided by: ``divisor`` if given, else the summed weight (at least 1)."""
+        if divisor is not None:
+            return max(divisor, 1.0)
+        return max(float(N) if w is None else float(w.sum(dtype=np.float64)), 1.0)
+
     def _finish(self, nll, sums, t, weights, divisor, dtype):
         N = len(nll)
         self.sums, self.targets = sums, t
@@ -232,22 +249,18 @@ class SoftmaxCrossEntropy:
             self.weights = w
             count = float(w.sum(dtype=np.float64))
             loss_sum = float((nll * w).sum(dtype=np.float64))
-        self.count = max(count if divisor is None else divisor, 1.0)
+        self.count = self._divisor(self.weights, divisor, N)
         return loss_sum / self.count, loss_sum, count
 
     def backward(self):
         """d loss / d logits = (softmax - onehot) * w / count, written over the kept exp buffer."""
         d = self.exps
+        if self.grad_ready:  # the fused forward wrote it already
+            return d
         w = self.weights
         scale = (1.0 / (self.sums * self.count)).astype(d.dtype)
         if w is not None:
             scale *= w
-        k = fused()
-        if k is not None:
-            t = self.targets
-            at_target = (xp.full(len(t), 1.0 / self.count, d.dtype) if w is None else w / d.dtype.type(self.count))
-            parallel_rows(lambda a, b: k.softmax_grad_rows(d[a:b], scale[a:b], t[a:b], at_target[a:b]), *d.shape)
-            return d
         parallel_rows(lambda a, b: xp.multiply(d[a:b], scale[a:b, None], out=d[a:b]), *d.shape)
         d[xp.arange(len(self.targets)), self.targets] -= (1.0 / self.count) if w is None else w / self.count
         return d
