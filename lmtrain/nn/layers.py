@@ -184,6 +184,7 @@ class SoftmaxCrossEntropy:
     def __init__(self):
         self.params, self.grads = {}, {}
         self.exps = self.exps_buf = None
+        self.grad_ready = False
 
     def forward(self, logits, targets, weights=None, divisor=None, grad=True):
         """Returns (mean loss, summed loss, summed weight); keeps exp(logits) for backward.
@@ -195,6 +196,7 @@ class SoftmaxCrossEntropy:
         N, V = logits.shape
         t = targets.reshape(-1).astype(np.intp)
         k = fused()
+        self.grad_ready = False  # set by the fused training path, which writes the gradient in forward
         if k is not None and not grad:  # nothing kept, so no (N, V) buffer either
             self.exps = None
             nll = xp.empty(N, logits.dtype)
@@ -202,7 +204,6 @@ class SoftmaxCrossEntropy:
             return self._finish(nll, None, t, weights, divisor, logits.dtype)
         self.exps_buf = row_buffer(self.exps_buf, N, V, logits.dtype)
         self.exps = exps = self.exps_buf[:N]
-        self.grad_ready = False
         if k is not None:  # the gradient too, while each row is still in cache: backward has nothing left to do
             dtype = logits.dtype
             w = None if weights is None else weights.reshape(-1).astype(dtype)
