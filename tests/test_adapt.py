@@ -13,20 +13,35 @@ from lmtrain.train import evaluate, fit
 from tests.test_cli import assert_one_line_error, lmtrain
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def trained(root, overrides=()):
     """A tiny trained run: (checkpoint path, model in float64, corpus)."""
     from tests.conftest import TINY
-    root = tmp_path_factory.mktemp("adapt")
     (root / "tiny.yaml").write_text(TINY)
-    fit(load_config(root / "tiny.yaml", []), str(root / "run"), quiet=True)
+    fit(load_config(root / "tiny.yaml", list(overrides)), str(root / "run"), quiet=True)
     ckpt = root / "run" / "checkpoints" / "best.npz"
     model, _, cfg = model_from_checkpoint(load_checkpoint(ckpt), dtype="float64")
     return ckpt, model, load_corpus(cfg.data, log=lambda *a: None)
 
 
-def test_cache_with_lambda_0_is_plain_evaluation_to_the_bit(run):
-    _, model, corpus = run
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained(tmp_path_factory.mktemp("adapt"))
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory):
+    """The same with a tied adaptive softmax, as the speedrun preset trains: its scores are exact
+    log-probabilities, not logits, and its backward is the adaptive head's."""
+    return trained(tmp_path_factory.mktemp("adapt-adaptive"),
+                   ["model.softmax=adaptive", "model.adaptive_cutoffs=[8]", "model.tie_weights=true"])
+
+
+both_heads = pytest.mark.parametrize("head", ["run", "adaptive_run"])
+
+
+@both_heads
+def test_cache_with_lambda_0_is_plain_evaluation_to_the_bit(head, request):
+    _, model, corpus = request.getfixturevalue(head)
     loss, _, count = evaluate(model, corpus.valid, 1, bptt=10)
     r = adapt.run(model, corpus.valid, 10, cache_settings=dict(window=50, theta=0.5, lam=0.0), progress=False)
     assert r["cache"]["loss"] == r["base"]["loss"] == loss and r["base"]["tokens"] == count
@@ -34,8 +49,9 @@ def test_cache_with_lambda_0_is_plain_evaluation_to_the_bit(run):
     assert r["cache"]["loss"] != loss
 
 
-def test_dynamic_with_lr_0_is_plain_evaluation_to_the_bit(run):
-    _, model, corpus = run
+@both_heads
+def test_dynamic_with_lr_0_is_plain_evaluation_to_the_bit(head, request):
+    _, model, corpus = request.getfixturevalue(head)
     ms = np.ones(model.store.data.shape)
     before = model.store.data.copy()
     loss, _, _ = evaluate(model, corpus.valid, 1, bptt=5)
@@ -83,10 +99,11 @@ def test_tuned_cache_replays_what_evaluation_computes(run):
         assert r["base"]["ppl"] == pytest.approx(base, rel=1e-12)
 
 
-def test_dynamic_evaluation_scores_each_segment_before_adapting_to_it(run):
+@both_heads
+def test_dynamic_evaluation_scores_each_segment_before_adapting_to_it(head, request):
     """Two segments by hand: the first scored by the trained weights, the second after one step of the rule
     on the first, with the gradient of the model's own backward."""
-    _, model, corpus = run
+    _, model, corpus = request.getfixturevalue(head)
     ids, seg, lr, decay = corpus.valid[:11], 5, 0.05, 0.2
     ms = np.random.default_rng(1).uniform(0.5, 2.0, model.store.data.shape)
     theta0 = model.store.data.copy()
