@@ -30,8 +30,8 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adaptive_run(tmp_path_factory):
-    """The same with a tied adaptive softmax, as the speedrun preset trains: its scores are exact
-    log-probabilities, not logits, and its backward is the adaptive head's."""
+    """The same with a tied adaptive softmax (as wt103-adaptive and the speedrun's adaptive attempts train):
+    its scores are exact log-probabilities, not logits, and its backward is the adaptive head's."""
     return trained(tmp_path_factory.mktemp("adapt-adaptive"),
                    ["model.softmax=adaptive", "model.adaptive_cutoffs=[8]", "model.tie_weights=true"])
 
