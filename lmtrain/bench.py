@@ -76,6 +76,11 @@ def adaptive_products(model_cfg, H, V, N, backward, tail_rows):
         n = max(1, round(n)) if n > 0 else 0
         if not n:
             continue
+        if model_cfg.adaptive_tie_tails:  # no projection; T_i is embedding rows, as the tied decoder
+            out += [(f"tail {i} [h, 1] T (its rows)", n, H + 1, words, 1)]
+            if backward:
+                out += [(f"tail {i} dT (its rows)", words, n, H + 1, 1), (f"tail {i} dz T^T (its rows)", n, words, H, 1)]
+            continue
         out += [(f"tail {i} h P (its rows)", n, H, d, 1), (f"tail {i} [u, 1] T (its rows)", n, d + 1, words, 1)]
         if backward:
             out += [(f"tail {i} dT (its rows)", d + 1, n, words, 1), (f"tail {i} dz T^T (its rows)", n, words, d, 1),

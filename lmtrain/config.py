@@ -118,6 +118,10 @@ class ModelConfig:
         "strictly increasing, each below the vocabulary size", min=1)
     adaptive_div: float = option(4.0, "adaptive: tail cluster i (from 0) projects the hidden state down to "
                                  "hidden / div^(i+1) units (at least 1)", min=1.0)
+    adaptive_tie_tails: bool = option(False, "adaptive, with tie_weights: the tail clusters' words are scored "
+                                      "by their own embedding rows too, at full width and without a "
+                                      "projection, so the adaptive softmax has exactly the tied full "
+                                      "softmax's parameters (needs adaptive_div 1)")
 
 
 @dataclass
@@ -361,6 +365,9 @@ def validate(cfg, source=""):
         if any(b <= a for a, b in zip(c, c[1:])):
             raise ConfigError(f"{source}model.adaptive_cutoffs must be strictly increasing (each tail cluster "
                               f"needs at least one word), got {c}")
+        if m.adaptive_tie_tails and not (m.tie_weights and m.adaptive_div == 1):
+            raise ConfigError(f"{source}model.adaptive_tie_tails scores the tail words with their embedding "
+                              "rows: it needs model.tie_weights true and model.adaptive_div 1")
     s = d.synthetic
     if s.min_distance > s.max_distance:
         raise ConfigError(f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "

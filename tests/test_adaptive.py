@@ -96,12 +96,14 @@ def adaptive_config(tied=False, **extra):
                        adaptive_cutoffs=[6, 15], **extra)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_the_model_scores_and_evaluates_exactly(tied):
+@pytest.mark.parametrize("tied,tie_tails", [(False, False), (True, False), (True, True)])
+def test_the_model_scores_and_evaluates_exactly(tied, tie_tails):
     """The model's scores are a distribution, evaluation's NLL is read off them, and the tied head's
-    word rows are the embedding's rows (same memory), while the tails own theirs."""
+    word rows are the embedding's rows (same memory), while the tails own theirs unless they are tied
+    too."""
     V = 40
-    model = LanguageModel(adaptive_config(tied, init="pytorch"), V, seed=1, dtype="float64")
+    extra = dict(adaptive_div=1.0, adaptive_tie_tails=True) if tie_tails else {}
+    model = LanguageModel(adaptive_config(tied, init="pytorch", **extra), V, seed=1, dtype="float64")
     ids = np.random.default_rng(7).integers(0, V, size=301)
     out, _ = model.forward(ids[:-1].reshape(30, 10), model.init_state(10))
     logp = model.scores(out)
@@ -124,8 +126,25 @@ def test_the_model_scores_and_evaluates_exactly(tied):
         np.testing.assert_array_equal(head[K:], model.params["embedding.weight"][:6])
     else:
         assert head.shape == (8, 2 + 6) and not np.shares_memory(head, model.params["embedding.weight"])
-    for i in range(2):
-        assert not np.shares_memory(model.params[f"adaptive.tail.{i}.weight"], model.params["embedding.weight"])
+    E = model.params["embedding.weight"]
+    for i, (lo, hi) in enumerate([(6, 15), (15, V)]):
+        tail = model.loss_layer.params[f"tail.{i}.weight"]
+        if tie_tails:  # the cluster's words' embedding rows, the bias beside them; no projection
+            assert "tail.0.proj" not in model.loss_layer.params and f"adaptive.tail.{i}.weight" not in model.params
+            assert np.shares_memory(tail, E) and tail.shape == (hi - lo, 8)
+            np.testing.assert_array_equal(tail, E[lo:hi])
+            assert np.shares_memory(model.loss_layer.params[f"tail.{i}.bias"], model.params[f"adaptive.tail.{i}.bias"])
+        else:
+            assert not np.shares_memory(model.params[f"adaptive.tail.{i}.weight"], E)
+
+
+def test_tied_tails_have_the_tied_full_softmax_parameters():
+    """Tied tails add only the K = 2 cluster rows (8 weights and a bias each) to the tied full softmax's
+    parameters."""
+    full = LanguageModel(ModelConfig(emb_size=8, hidden_size=8, num_layers=1, tie_weights=True), 40, seed=0)
+    tails = LanguageModel(adaptive_config(True, adaptive_div=1.0, adaptive_tie_tails=True), 40, seed=0)
+    assert tails.num_params() == full.num_params() + 2 * 9
+    assert tails.store.data.size == full.store.data.size + 2 * 9
 
 
 def test_parameters_and_their_shapes():
@@ -156,12 +175,23 @@ def test_config_rules():
                              (2000, "must be a list of integers or null")]:
         with pytest.raises(ConfigError, match=message):
             from_dict({"model": {"softmax": "adaptive", "adaptive_cutoffs": cutoffs}})
+    tied = {"softmax": "adaptive", "adaptive_cutoffs": [20], "tie_weights": True, "adaptive_div": 1,
+            "adaptive_tie_tails": True}
+    assert from_dict({"model": tied}).model.adaptive_tie_tails
+    for change in [{"tie_weights": False}, {"adaptive_div": 2}]:
+        with pytest.raises(ConfigError, match="adaptive_tie_tails .* needs model.tie_weights true and "
+                                              "model.adaptive_div 1"):
+            from_dict({"model": {**tied, **change}})
+    # as the other adaptive_* keys, ignored under the full softmax: `--set model.softmax=full` is enough
+    # to compare the speedrun preset with the full softmax
+    assert from_dict({"model": {**tied, "softmax": "full"}}).model.softmax == "full"
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_checkpoint_round_trip(tmp_path, tied):
+@pytest.mark.parametrize("tied,tie_tails", [(False, False), (True, False), (True, True)])
+def test_checkpoint_round_trip(tmp_path, tied, tie_tails):
     cfg = from_dict({"model": {"emb_size": 8, "hidden_size": 8, "tie_weights": tied, "softmax": "adaptive",
-                               "adaptive_cutoffs": [3, 5], "adaptive_div": 2, "init": "pytorch"}})  # biases not 0
+                               "adaptive_cutoffs": [3, 5], "adaptive_div": 1 if tie_tails else 2,
+                               "adaptive_tie_tails": tie_tails, "init": "pytorch"}})  # biases not 0
     vocab = Vocab(["<eos>", "<unk>"] + [f"w{i}" for i in range(8)])
     model = LanguageModel(cfg.model, len(vocab), seed=2)
     save_checkpoint(tmp_path / "a.npz", model.params, {"config": cfg.to_dict(), "vocab": vocab.to_dict()})
@@ -181,7 +211,9 @@ def test_checkpoint_round_trip(tmp_path, tied):
     logp = np.empty((4, V))
     logp[:, :c0] = head[:, K:]
     for i, (lo, hi) in enumerate([(c0, c1), (c1, V)]):
-        z = (x @ a[f"adaptive.tail.{i}.proj"]) @ a[f"adaptive.tail.{i}.weight"] + a[f"adaptive.tail.{i}.bias"]
+        T = a["embedding.weight"][lo:hi].T if tie_tails else a[f"adaptive.tail.{i}.weight"]
+        u = x if tie_tails else x @ a[f"adaptive.tail.{i}.proj"]
+        z = u @ T + a[f"adaptive.tail.{i}.bias"]
         logp[:, lo:hi] = head[:, i:i + 1] + log_softmax(z)
     np.testing.assert_allclose(model.scores(x.astype(np.float32)), logp, rtol=1e-5, atol=1e-5)
 
@@ -199,12 +231,14 @@ def test_a_checkpoint_from_before_the_adaptive_softmax_loads_as_full(tmp_path):
     np.testing.assert_array_equal(again.params["decoder.weight"], model.params["decoder.weight"])
 
 
-def test_fit_eval_generate_and_probe_on_an_adaptive_model(tiny_config, tmp_path):
+@pytest.mark.parametrize("tie_tails", [False, True])
+def test_fit_eval_generate_and_probe_on_an_adaptive_model(tiny_config, tmp_path, tie_tails):
     """A tied adaptive model (the names fall in the first tail cluster) trains, and every command reads it."""
     from tests.test_cli import lmtrain
     run = tmp_path / "run"
+    tails = ["--set", "model.adaptive_div=1", "--set", "model.adaptive_tie_tails=true"] if tie_tails else []
     lmtrain("fit", tiny_config, "--run-dir", run, "--quiet", "--set", "model.softmax=adaptive",
-            "--set", "model.adaptive_cutoffs=[12,40]", "--set", "model.tie_weights=true", check=0)
+            "--set", "model.adaptive_cutoffs=[12,40]", "--set", "model.tie_weights=true", *tails, check=0)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [e["loss"] for e in events if e["event"] == "train"]
     assert train[-1] < train[0] - 0.5, train  # from about log(72) = 4.3

@@ -217,14 +217,16 @@ def test_whole_model_across_two_windows(tied, dropout, layers, cell):
                                   init="uniform", init_scale=0.5, cell=cell))
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_whole_model_with_adaptive_softmax(tied):
-    """Head words, both tail clusters and (tied) the embedding rows shared with the head, in both windows.
+@pytest.mark.parametrize("tied,tie_tails", [(False, False), (True, False), (True, True)])
+def test_whole_model_with_adaptive_softmax(tied, tie_tails):
+    """Head words, both tail clusters and (tied) the embedding rows shared with the head (tied tails: with
+    the tails too, every embedding row then getting its gradient from two places), in both windows.
     Weights of scale 1: at 0.5 some gradients are so small (~2e-3) that rounding in the differences
     alone reaches the tolerance."""
     check_whole_model(ModelConfig(emb_size=6, hidden_size=6, num_layers=2, dropout=0.3, tie_weights=tied,
                                   init="uniform", init_scale=1.0, softmax="adaptive", adaptive_cutoffs=[4, 8],
-                                  adaptive_div=2.0))
+                                  adaptive_div=1.0 if tie_tails else 2.0, adaptive_tie_tails=tie_tails,
+                                  embedding_dropout=0.2 if tie_tails else 0.0))
 
 
 def check_whole_model(cfg):

@@ -33,6 +33,12 @@ Backward, with g_n = w_n / sum(w) per row and R_i the rows of cluster i:
 The head and every cluster are a ``Linear`` followed by a
 ``SoftmaxCrossEntropy``: the same products, buffers and softmax passes as the
 full softmax, on fewer columns (and, in the tails, fewer rows).
+
+Tied tails (``model.adaptive_tie_tails``, with tied weights and div 1): P_i is
+the identity (u_i = h[R_i], no projection) and T_i's word columns are the
+embedding rows of the cluster's words, so the model has exactly the tied full
+softmax's parameters (plus K cluster rows) and only the two-level
+factorisation differs from it.
 """
 import numpy as np
 
@@ -65,7 +71,8 @@ class AdaptiveSoftmax:
 
     ``head`` is a Linear from [h, 1] to the K + c_0 head scores (transposed when its word rows are
     the embedding's, see LanguageModel); ``tails`` holds, per cluster, its projection P_i (d, d_i),
-    the gradient array of P_i and a Linear from [u, 1] to the cluster's words.
+    the gradient array of P_i and a Linear from [u, 1] to the cluster's words (P_i and its gradient
+    None for a tied tail, whose Linear is transposed over embedding rows).
     """
 
     def __init__(self, cutoffs, vocab_size, head, tails):
@@ -81,10 +88,10 @@ class AdaptiveSoftmax:
         self.params = {"head.weight": head.params["weight"], "head.bias": head.params["bias"]}
         self.grads = {"head.weight": head.grads["weight"], "head.bias": head.grads["bias"]}
         for i, (P, dP, out) in enumerate(tails):
-            self.params.update({f"tail.{i}.proj": P, f"tail.{i}.weight": out.params["weight"],
-                                f"tail.{i}.bias": out.params["bias"]})
-            self.grads.update({f"tail.{i}.proj": dP, f"tail.{i}.weight": out.grads["weight"],
-                               f"tail.{i}.bias": out.grads["bias"]})
+            self.params.update({f"tail.{i}.weight": out.params["weight"], f"tail.{i}.bias": out.params["bias"]})
+            self.grads.update({f"tail.{i}.weight": out.grads["weight"], f"tail.{i}.bias": out.grads["bias"]})
+            if P is not None:
+                self.params[f"tail.{i}.proj"], self.grads[f"tail.{i}.proj"] = P, dP
 
     def forward(self, h, targets, weights=None, grad=True):
         """Returns (mean NLL, summed NLL, summed weight) of ``targets`` given the rows ``h``, exactly:
@@ -104,7 +111,7 @@ class AdaptiveSoftmax:
             self.rows.append(rows)
             self.h_rows.append(h_rows)
             if len(rows):
-                z = out.forward(h_rows @ P)                                 # z_i = [h P_i, 1] T_i, rows R_i only
+                z = out.forward(h_rows if P is None else h_rows @ P)        # z_i = [h P_i, 1] T_i, rows R_i only
                 _, tail_sum, _ = loss.forward(z, t[rows] - self.edges[i], None if w is None else w[rows],
                                               divisor=count, grad=grad)     # -log softmax(z_i)[t - c_i]
                 loss_sum += tail_sum
@@ -117,10 +124,14 @@ class AdaptiveSoftmax:
         for P, dP, out, loss, rows, h_rows in zip(self.projs, self.proj_grads, self.outs, self.tail_losses,
                                                   self.rows, self.h_rows):
             if not len(rows):  # no target in this cluster: its parameters get no gradient
-                dP.fill(0)
+                if P is not None:
+                    dP.fill(0)
                 out.grad_block.fill(0)
                 continue
             du = out.backward(loss.backward())  # dz_i -> dT_i, du_i = dz_i T_i[:d_i]^T
+            if P is None:                       # tied tail: u_i = h[R_i]
+                dh[rows] += du
+                continue
             xp.matmul(h_rows.T, du, out=dP)     # dP_i = h[R_i]^T du_i
             dh[rows] += du @ P.T                # dh[R_i] += du_i P_i^T
         return dh
@@ -132,5 +143,6 @@ class AdaptiveSoftmax:
         out = xp.empty((len(h), self.edges[-1]), h.dtype)
         out[:, :self.cutoffs[0]] = head[:, self.K:]
         for i, (P, tail) in enumerate(zip(self.projs, self.outs)):
-            out[:, self.edges[i]:self.edges[i + 1]] = log_softmax(tail.affine(h @ P)) + head[:, i:i + 1]
+            u = h if P is None else h @ P
+            out[:, self.edges[i]:self.edges[i + 1]] = log_softmax(tail.affine(u)) + head[:, i:i + 1]
         return out

@@ -88,8 +88,9 @@ def init_params(cfg, vocab_size, rng, dtype):
             params["adaptive.head.weight"] = weight((H, K + c0), H)
         params["adaptive.head.bias"] = bias(K + c0, H)
         for i, (d, n) in enumerate(tail_shapes(H, V, cfg.adaptive_cutoffs, cfg.adaptive_div)):
-            params[f"adaptive.tail.{i}.proj"] = weight((H, d), H)
-            params[f"adaptive.tail.{i}.weight"] = weight((d, n), d)
+            if not cfg.adaptive_tie_tails:  # tied tails: the word rows are the embedding's, no projection
+                params[f"adaptive.tail.{i}.proj"] = weight((H, d), H)
+                params[f"adaptive.tail.{i}.weight"] = weight((d, n), d)
             params[f"adaptive.tail.{i}.bias"] = bias(n, d)
         return {k: xp.asarray(v, dtype=dtype) for k, v in params.items()}
     if not cfg.tie_weights:
@@ -130,10 +131,14 @@ class LanguageModel:
         if adaptive and cfg.tie_weights:
             # The head's K cluster rows come first and the embedding rows after them, so rows [0, K + c0)
             # are the whole head, [cluster rows; head words' embedding rows], with the head bias as its
-            # extra column: one product.  That column is unused (zero) below the head words.
-            store.block("embedding", (K + V, E + 1), {"adaptive.head.cluster_weight": np.s_[:K, :E],
-                                                      "embedding.weight": np.s_[K:, :E],
-                                                      "adaptive.head.bias": np.s_[:K + c0, E]})
+            # extra column: one product.  That column is unused (zero) below the head words, unless the
+            # tails are tied too: then rows K + [c_i, c_{i+1}) with that column are tail cluster i.
+            views = {"adaptive.head.cluster_weight": np.s_[:K, :E], "embedding.weight": np.s_[K:, :E],
+                     "adaptive.head.bias": np.s_[:K + c0, E]}
+            if cfg.adaptive_tie_tails:
+                edges = list(cfg.adaptive_cutoffs) + [V]
+                views.update({f"adaptive.tail.{i}.bias": np.s_[K + edges[i]:K + edges[i + 1], E] for i in range(K)})
+            store.block("embedding", (K + V, E + 1), views)
         elif cfg.tie_weights:
             store.block("embedding", (V, E + 1), {"embedding.weight": np.s_[:, :E], "decoder.bias": np.s_[:, E]})
         else:
@@ -146,7 +151,7 @@ class LanguageModel:
             if not cfg.tie_weights:
                 store.block("adaptive.head", (H + 1, K + c0), {"adaptive.head.weight": np.s_[:H],
                                                                "adaptive.head.bias": np.s_[H]})
-            for i, (d, n) in enumerate(shapes):
+            for i, (d, n) in enumerate([] if cfg.adaptive_tie_tails else shapes):
                 t = f"adaptive.tail.{i}"
                 store.block(t + ".proj", (H, d), {t + ".proj": np.s_[:]})
                 store.block(t, (d + 1, n), {t + ".weight": np.s_[:d], t + ".bias": np.s_[d]})
@@ -174,12 +179,18 @@ class LanguageModel:
             block, grad_block = store.blocks["embedding" if cfg.tie_weights else "adaptive.head"]
             if cfg.tie_weights:
                 block, grad_block = block[:K + c0], grad_block[:K + c0]
-            tails = [(p[f"adaptive.tail.{i}.proj"], g[f"adaptive.tail.{i}.proj"],
-                      Linear(*store.blocks[f"adaptive.tail.{i}"])) for i in range(K)]
+            if cfg.adaptive_tie_tails:  # no projection; cluster i's Linear is its words' rows of the block
+                full, full_grad = store.blocks["embedding"]
+                edges = list(cfg.adaptive_cutoffs) + [V]
+                tails = [(None, None, Linear(full[K + a:K + b], full_grad[K + a:K + b], transposed=True))
+                         for a, b in zip(edges[:-1], edges[1:])]
+            else:
+                tails = [(p[f"adaptive.tail.{i}.proj"], g[f"adaptive.tail.{i}.proj"],
+                          Linear(*store.blocks[f"adaptive.tail.{i}"])) for i in range(K)]
             self.decoder = None  # the adaptive softmax is its own decoder
             self.loss_layer = AdaptiveSoftmax(cfg.adaptive_cutoffs, V, Linear(block, grad_block, cfg.tie_weights),
                                               tails)
-            self.embedding.rows_written = c0 if cfg.tie_weights else 0
+            self.embedding.rows_written = (V if cfg.adaptive_tie_tails else c0) if cfg.tie_weights else 0
         else:
             block, grad_block = store.blocks["embedding" if cfg.tie_weights else "decoder"]
             self.decoder = Linear(block, grad_block, transposed=cfg.tie_weights)
