@@ -267,7 +267,7 @@ CACHE_GRID = dict(window=(100, 500, 1000, 2000), theta=(0.1, 0.2, 0.3, 0.5, 0.8,
                   lam=(0.05, 0.1, 0.15, 0.2, 0.3))
 DYN_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 DYN_DECAYS = (0.0, 0.003, 0.01, 0.03)
-DYN_REFINE = (0.5, 2.0)  # the grid's rates are ~3x apart: then try half and twice the best one
+DYN_REFINE = (0.5, 2.0)  # the grid's steps are ~3x: then half and twice the best rate, then the best decay
 
 
 def by_ppl(row):
@@ -296,7 +296,8 @@ def tune_cache(model, ids, window, grid=CACHE_GRID, progress=True):
 
 def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine=DYN_REFINE, progress=True):
     """A coordinate search: every learning rate at the middle decay, every decay at the best rate, then
-    the best rate times each factor of ``refine`` at the best decay.  Returns (rows sorted best first,
+    the best rate times each factor of ``refine`` at the best decay, and last the best decay times each
+    factor at the best rate so far (the decays, too, are ~3x apart).  Returns (rows sorted best first,
     base perplexity)."""
     def trial(lr, decay):
         total, count, _, _ = score_stream(model, ids, segment, dynamic=DynamicEval(model, ms, lr, decay),
@@ -310,4 +311,7 @@ def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine
     rows += [trial(best_lr, d) for d in decays if d != middle]
     best_decay = min(rows, key=by_ppl)["decay"]
     rows += [trial(best_lr * f, best_decay) for f in refine]
+    best = min(rows, key=by_ppl)
+    if best["decay"] > 0:
+        rows += [trial(best["lr"], best["decay"] * f) for f in refine]
     return sorted(rows, key=by_ppl), perplexity(total / count)

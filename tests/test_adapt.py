@@ -30,10 +30,11 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adaptive_run(tmp_path_factory):
-    """The same with a tied adaptive softmax (as wt103-adaptive and the speedrun's adaptive attempts train):
-    its scores are exact log-probabilities, not logits, and its backward is the adaptive head's."""
+    """The same with the adaptive softmax the speedrun preset trains (tied, tails tied too): its scores are
+    exact log-probabilities, not logits, and its backward is the adaptive head's and tail's."""
     return trained(tmp_path_factory.mktemp("adapt-adaptive"),
-                   ["model.softmax=adaptive", "model.adaptive_cutoffs=[8]", "model.tie_weights=true"])
+                   ["model.softmax=adaptive", "model.adaptive_cutoffs=[8]", "model.tie_weights=true",
+                    "model.adaptive_div=1", "model.adaptive_tie_tails=true"])
 
 
 both_heads = pytest.mark.parametrize("head", ["run", "adaptive_run"])
@@ -133,8 +134,15 @@ def test_a_diverging_setting_ranks_last(run):
                                      progress=False)
     assert rows[-1]["lr"] == np.inf and np.isnan(rows[-1]["ppl"])
     assert np.isfinite(rows[0]["ppl"]) and rows[0]["lr"] in (1e-4, 5e-5, 2e-4)
-    # the coordinate search (2 rates, then the other decay at the best rate), then half and twice the best rate
-    assert sorted(r["lr"] for r in rows) == [5e-5, 1e-4, 1e-4, 2e-4, np.inf]
+    # the coordinate search (2 rates, then the other decay at the best rate), then half and twice the best
+    # rate, then (unless the best decay is 0) half and twice the best decay at the best rate
+    best = rows[0]
+    refined = [r for r in rows if r["lr"] == best["lr"] and r["decay"] not in (0.0, 0.01)]
+    if best["decay"] == 0:
+        assert sorted(r["lr"] for r in rows) == [5e-5, 1e-4, 1e-4, 2e-4, np.inf] and not refined
+    else:
+        assert sorted(r["lr"] for r in rows) == sorted([5e-5, 1e-4, 1e-4, 2e-4, np.inf, best["lr"], best["lr"]])
+        assert sorted(r["decay"] for r in refined) == [0.005, 0.02]
 
 
 def test_gradient_statistics_are_cached_under_the_checkpoint_checksum(run, monkeypatch):
