@@ -60,6 +60,11 @@ def check_cutoffs(cutoffs, vocab_size):
                           f"size, {vocab_size:,} words ({cutoffs[-1]} would leave the last tail cluster empty)")
 
 
+def project(h, P):
+    """u_i = h P_i, or h itself for a tied tail (P_i is None: no projection)."""
+    return h if P is None else h @ P
+
+
 def log_softmax(z):
     m = z.max(axis=1, keepdims=True)
     return z - (m + xp.log(xp.exp(z - m).sum(axis=1, keepdims=True)))
@@ -111,7 +116,7 @@ class AdaptiveSoftmax:
             self.rows.append(rows)
             self.h_rows.append(h_rows)
             if len(rows):
-                z = out.forward(h_rows if P is None else h_rows @ P)        # z_i = [h P_i, 1] T_i, rows R_i only
+                z = out.forward(project(h_rows, P))                        # z_i = [h P_i, 1] T_i, rows R_i only
                 _, tail_sum, _ = loss.forward(z, t[rows] - self.edges[i], None if w is None else w[rows],
                                               divisor=count, grad=grad)     # -log softmax(z_i)[t - c_i]
                 loss_sum += tail_sum
@@ -143,6 +148,5 @@ class AdaptiveSoftmax:
         out = xp.empty((len(h), self.edges[-1]), h.dtype)
         out[:, :self.cutoffs[0]] = head[:, self.K:]
         for i, (P, tail) in enumerate(zip(self.projs, self.outs)):
-            u = h if P is None else h @ P
-            out[:, self.edges[i]:self.edges[i + 1]] = log_softmax(tail.affine(u)) + head[:, i:i + 1]
+            out[:, self.edges[i]:self.edges[i + 1]] = log_softmax(tail.affine(project(h, P))) + head[:, i:i + 1]
         return out

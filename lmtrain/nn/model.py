@@ -128,6 +128,7 @@ class LanguageModel:
         if adaptive:
             K, c0 = len(cfg.adaptive_cutoffs), cfg.adaptive_cutoffs[0]
             shapes = tail_shapes(H, V, cfg.adaptive_cutoffs, cfg.adaptive_div)
+            edges = list(cfg.adaptive_cutoffs) + [V]  # tail cluster i holds the words [edges[i], edges[i + 1])
         if adaptive and cfg.tie_weights:
             # The head's K cluster rows come first and the embedding rows after them, so rows [0, K + c0)
             # are the whole head, [cluster rows; head words' embedding rows], with the head bias as its
@@ -136,7 +137,6 @@ class LanguageModel:
             views = {"adaptive.head.cluster_weight": np.s_[:K, :E], "embedding.weight": np.s_[K:, :E],
                      "adaptive.head.bias": np.s_[:K + c0, E]}
             if cfg.adaptive_tie_tails:
-                edges = list(cfg.adaptive_cutoffs) + [V]
                 views.update({f"adaptive.tail.{i}.bias": np.s_[K + edges[i]:K + edges[i + 1], E] for i in range(K)})
             store.block("embedding", (K + V, E + 1), views)
         elif cfg.tie_weights:
@@ -181,7 +181,6 @@ class LanguageModel:
                 block, grad_block = block[:K + c0], grad_block[:K + c0]
             if cfg.adaptive_tie_tails:  # no projection; cluster i's Linear is its words' rows of the block
                 full, full_grad = store.blocks["embedding"]
-                edges = list(cfg.adaptive_cutoffs) + [V]
                 tails = [(None, None, Linear(full[K + a:K + b], full_grad[K + a:K + b], transposed=True))
                          for a, b in zip(edges[:-1], edges[1:])]
             else:
