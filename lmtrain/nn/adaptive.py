@@ -134,11 +134,10 @@ class AdaptiveSoftmax:
                 out.grad_block.fill(0)
                 continue
             du = out.backward(loss.backward())  # dz_i -> dT_i, du_i = dz_i T_i[:d_i]^T
-            if P is None:                       # tied tail: u_i = h[R_i]
-                dh[rows] += du
-                continue
-            xp.matmul(h_rows.T, du, out=dP)     # dP_i = h[R_i]^T du_i
-            dh[rows] += du @ P.T                # dh[R_i] += du_i P_i^T
+            if P is not None:                   # (a tied tail has u_i = h[R_i]: du_i is dh[R_i]'s part)
+                xp.matmul(h_rows.T, du, out=dP)  # dP_i = h[R_i]^T du_i
+                du = du @ P.T                   # du_i P_i^T
+            dh[rows] += du
         return dh
 
     def log_probs(self, h):
