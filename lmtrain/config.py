@@ -145,10 +145,11 @@ class TrainConfig:
                                                     min=0.0, min_exclusive=True)
     lr_schedule: str = option("constant", "constant; step: multiply by lr_decay every epoch after lr_decay_start; "
                               "plateau: multiply by lr_decay when validation perplexity stops improving; cosine: "
-                              "from lr down to min_lr over the run (its steps, or its time_budget)",
-                              choices=["constant", "step", "plateau", "cosine"])
+                              "from lr down to min_lr along a half cosine over the run (its steps, or its "
+                              "time_budget); linear: the same along a straight line",
+                              choices=["constant", "step", "plateau", "cosine", "linear"])
     warmup_steps: int = option(0, "raise the learning rate linearly from 0 over this many steps", min=0)
-    min_lr: float = option(0.0, "cosine: the final learning rate", min=0.0)
+    min_lr: float = option(0.0, "cosine, linear: the final learning rate", min=0.0)
     lr_decay: float = option(0.5, "factor applied by the step and plateau schedules", min=0.0, max=1.0,
                              min_exclusive=True)
     lr_decay_start: int = option(4, "step: the first decay happens after this epoch", min=0)

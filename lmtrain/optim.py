@@ -237,7 +237,8 @@ def make_optimizer(train_cfg, store):
 
 class LRSchedule:
     """The learning rate: a base rate per epoch (constant, step decay, decay on a validation plateau),
-    shaped per step by linear warm-up and, for ``cosine``, a half cosine from lr to min_lr."""
+    shaped per step by linear warm-up and, for ``cosine`` and ``linear``, a half cosine or a straight
+    line from lr to min_lr over the run."""
 
     def __init__(self, train_cfg):
         self.kind = train_cfg.lr_schedule
@@ -253,8 +254,11 @@ class LRSchedule:
     def at(self, step, progress):
         """Rate for optimizer step ``step`` (0-based) when ``progress`` (0..1) of the run is done."""
         lr = self.lr
+        progress = min(max(progress, 0.0), 1.0)
         if self.kind == "cosine":
-            lr = self.min_lr + (lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+            lr = self.min_lr + (lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        elif self.kind == "linear":  # spends less of the run at rates too small to move the weights
+            lr = self.min_lr + (lr - self.min_lr) * (1.0 - progress)
         if self.warmup and step < self.warmup:
             lr *= (step + 1) / self.warmup
         return lr

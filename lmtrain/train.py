@@ -377,7 +377,7 @@ class Trainer:
         return (self.t.max_steps is not None and self.p.step >= self.t.max_steps) or self.stopped_by_budget
 
     def progress(self):
-        """Fraction of the run done, for the cosine schedule: by steps, or by time under a budget."""
+        """Fraction of the run done, for the cosine and linear schedules: by steps, or by time under a budget."""
         t = self.t
         windows = (len(self.train_data) - 2) // t.bptt + 1
         by_steps = self.p.step / (t.max_steps or t.epochs * windows)

@@ -156,6 +156,12 @@ def test_warmup_and_cosine():
     assert s.at(10, 1.0) == pytest.approx(0.1)
 
 
+def test_linear_schedule_falls_in_a_straight_line_to_min_lr():
+    s = LRSchedule(from_dict({"train": {"lr": 1.0, "lr_schedule": "linear", "min_lr": 0.1}}).train)
+    assert [s.at(k, p) for k, p in enumerate((0.0, 0.25, 0.5, 1.0, 1.5))] == pytest.approx(
+        [1.0, 0.775, 0.55, 0.1, 0.1])
+
+
 def test_variable_bptt_scales_the_rate_by_the_window(tmp_path, tiny_config):
     cfg = load_config(tiny_config, ["train.variable_bptt=true", "train.bptt=12", "train.log_every=1",
                                     "train.optimizer=sgd", "train.lr=1.0", "train.epochs=1"])
