@@ -276,22 +276,53 @@ def by_ppl(row):
     return row["ppl"] if math.isfinite(row["ppl"]) else math.inf
 
 
-def tune_cache(model, ids, window, grid=CACHE_GRID, progress=True):
+def beyond_edge(values, x, axis):
+    """The next value of a sorted grid axis past ``x`` when ``x`` is its first or last value (one step of
+    the ratio of the two outer values), else None.  An axis of one value is fixed; λ stays below 1."""
+    if len(values) < 2 or values[0] < x < values[-1]:
+        return None
+    nxt = x * (values[-1] / values[-2] if x == values[-1] else values[0] / values[1])
+    if axis == "window":
+        nxt = max(1, round(nxt))
+    elif axis == "lam" and nxt >= 1.0:
+        nxt = (x + 1.0) / 2.0
+    return None if nxt in values else nxt
+
+
+def tune_cache(model, ids, window, grid=CACHE_GRID, extend=4, progress=True):
     """Every (window, theta, lambda) of ``grid`` on ``ids``: one model pass, then each cache replayed over
-    its stored outputs.  Returns (rows sorted best first, base perplexity)."""
+    its stored outputs.  While the best setting lies on an edge of an axis, that axis grows one step past
+    it (up to ``extend`` times each), so a grid too narrow for the model cannot hand back its own boundary.
+    Returns (rows sorted best first, base perplexity)."""
     total, count, _, (h, targets, logp) = score_stream(model, ids, window, collect=True, progress=progress,
                                                        desc="validation pass")
-    rows = []
-    settings = [(n, th) for n in grid["window"] for th in grid["theta"]]
-    for n, theta in tqdm(settings, desc="cache settings", disable=not progress, leave=False):
-        cache, gains = NeuralCache(n, theta), dict.fromkeys(grid["lam"], 0.0)
+    rows = {}
+
+    def replay(n, theta, lams):
+        cache, gains = NeuralCache(n, theta), dict.fromkeys(lams, 0.0)
         for a in range(0, len(targets), window):
             for lam, g in cache_gains(cache, h[a:a + window], targets[a:a + window], logp[a:a + window],
-                                      grid["lam"]).items():
+                                      lams).items():
                 gains[lam] += g
-        rows += [dict(window=n, theta=theta, lam=lam, ppl=perplexity((total - g) / count))
-                 for lam, g in gains.items()]
-    return sorted(rows, key=by_ppl), perplexity(total / count)
+        for lam, g in gains.items():
+            rows[n, theta, lam] = dict(window=n, theta=theta, lam=lam, ppl=perplexity((total - g) / count))
+
+    axes = {k: sorted(v) for k, v in grid.items()}
+    settings = [(n, th) for n in axes["window"] for th in axes["theta"]]
+    for n, theta in tqdm(settings, desc="cache settings", disable=not progress, leave=False):
+        replay(n, theta, axes["lam"])
+    grown = dict.fromkeys(axes, 0)
+    while True:
+        best = min(rows.values(), key=by_ppl)
+        edge = next(((k, v) for k in axes if grown[k] < extend
+                     for v in [beyond_edge(axes[k], best[k], k)] if v is not None), None)
+        if edge is None:
+            return sorted(rows.values(), key=by_ppl), perplexity(total / count)
+        axis, value = edge
+        axes[axis] = sorted(axes[axis] + [value])
+        grown[axis] += 1
+        trial = {**best, axis: value}
+        replay(trial["window"], trial["theta"], [value] if axis == "lam" else axes["lam"])
 
 
 def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine=DYN_REFINE, progress=True):

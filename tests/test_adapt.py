@@ -100,6 +100,33 @@ def test_tuned_cache_replays_what_evaluation_computes(run):
         assert r["base"]["ppl"] == pytest.approx(base, rel=1e-12)
 
 
+def test_a_grid_edge_grows_by_the_ratio_of_its_outer_values():
+    assert adapt.beyond_edge([0.1, 0.2, 0.8, 1.2], 1.2, "theta") == pytest.approx(1.8)
+    assert adapt.beyond_edge([0.1, 0.2, 0.8, 1.2], 0.1, "theta") == pytest.approx(0.05)
+    assert adapt.beyond_edge([0.1, 0.2, 0.8, 1.2], 0.2, "theta") is None
+    assert adapt.beyond_edge([100, 500, 2000], 2000, "window") == 8000
+    assert adapt.beyond_edge([0.3, 0.6], 0.6, "lam") == pytest.approx(0.8)  # 1.2 would leave no model
+    assert adapt.beyond_edge([0.5], 0.5, "theta") is None  # one value: the axis is fixed
+
+
+def test_cache_tuner_grows_the_grid_past_a_winning_edge(run):
+    """With two values per axis the best is on an edge of each, so each must grow until the best lies
+    inside the values tried, or it has grown ``extend`` times."""
+    _, model, corpus = run
+    extend = 3
+    rows, _ = adapt.tune_cache(model, corpus.valid, 10, grid=dict(window=(20,), theta=(0.5, 1.0),
+                                                                  lam=(0.1, 0.2)), extend=extend, progress=False)
+    best = rows[0]
+    assert {r["window"] for r in rows} == {20}
+    for axis in ("theta", "lam"):
+        tried = sorted({r[axis] for r in rows})
+        assert len(tried) > 2
+        assert tried[0] < best[axis] < tried[-1] or len(tried) == 2 + extend
+    for row in rows[:3]:
+        r = adapt.run(model, corpus.valid, 10, cache_settings=row, progress=False)
+        assert r["cache"]["ppl"] == pytest.approx(row["ppl"], rel=1e-10)
+
+
 @both_heads
 def test_dynamic_evaluation_scores_each_segment_before_adapting_to_it(head, request):
     """Two segments by hand: the first scored by the trained weights, the second after one step of the rule
