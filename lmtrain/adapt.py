@@ -281,7 +281,7 @@ def beyond_edge(values, x, axis):
     the ratio of the two outer values), else None.  An axis of one value is fixed; λ stays below 1."""
     if len(values) < 2 or values[0] < x < values[-1]:
         return None
-    nxt = x * (values[-1] / values[-2] if x == values[-1] else values[0] / values[1])
+    nxt = float(f"{x * (values[-1] / values[-2] if x == values[-1] else values[0] / values[1]):.6g}")
     if axis == "window":
         nxt = max(1, round(nxt))
     elif axis == "lam" and nxt >= 1.0:
