@@ -314,14 +314,15 @@ def tune_cache(model, ids, window, grid=CACHE_GRID, extend=4, progress=True):
     grown = dict.fromkeys(axes, 0)
     while True:
         best = min(rows.values(), key=by_ppl)
-        edge = next(((k, v) for k in axes if grown[k] < extend
-                     for v in [beyond_edge(axes[k], best[k], k)] if v is not None), None)
-        if edge is None:
+        for axis in axes:
+            value = beyond_edge(axes[axis], best[axis], axis) if grown[axis] < extend else None
+            if value is not None:
+                break
+        else:
             return sorted(rows.values(), key=by_ppl), perplexity(total / count)
-        axis, value = edge
         axes[axis] = sorted(axes[axis] + [value])
         grown[axis] += 1
-        trial = {**best, axis: value}
+        trial = {**best, axis: value}  # one step along that axis from the best, the others where they were
         replay(trial["window"], trial["theta"], [value] if axis == "lam" else axes["lam"])
 
 

@@ -235,6 +235,11 @@ def make_optimizer(train_cfg, store):
                 decoupled=t.optimizer == "adamw")
 
 
+# The fraction of (lr - min_lr) left when a fraction p of the run is done.  The straight line spends less
+# of the run than the half cosine at rates too small to move the weights.
+ANNEAL = {"cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)), "linear": lambda p: 1.0 - p}
+
+
 class LRSchedule:
     """The learning rate: a base rate per epoch (constant, step decay, decay on a validation plateau),
     shaped per step by linear warm-up and, for ``cosine`` and ``linear``, a half cosine or a straight
@@ -254,11 +259,8 @@ class LRSchedule:
     def at(self, step, progress):
         """Rate for optimizer step ``step`` (0-based) when ``progress`` (0..1) of the run is done."""
         lr = self.lr
-        progress = min(max(progress, 0.0), 1.0)
-        if self.kind == "cosine":
-            lr = self.min_lr + (lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        elif self.kind == "linear":  # spends less of the run at rates too small to move the weights
-            lr = self.min_lr + (lr - self.min_lr) * (1.0 - progress)
+        if self.kind in ANNEAL:
+            lr = self.min_lr + (lr - self.min_lr) * ANNEAL[self.kind](min(max(progress, 0.0), 1.0))
         if self.warmup and step < self.warmup:
             lr *= (step + 1) / self.warmup
         return lr

@@ -7,8 +7,9 @@ duration (before the first one, from the training speed: a forward pass
 alone runs about three times as fast as training).
 
 A budget in minutes makes the result depend on the machine: a faster one
-trains more steps in the same time, and a cosine or linear schedule that follows the
-clock gives each step a different rate from one run to the next.  Presets
+trains more steps in the same time, and a cosine or linear schedule that
+follows the clock gives each step a different rate from one run to the
+next.  Presets
 whose results the docs quote therefore count steps or epochs; the budget is
 for users and for the speedrun, whose point is the clock.
 """
