@@ -35,7 +35,7 @@ _pool = None
 
 
 def set_threads(n):
-    """Use ``n`` threads for BLAS products and for the element-wise passes split by ``parallel_rows``.
+    """Use ``n`` threads for BLAS products, for the passes split by ``parallel_rows`` and in the kernels.
 
     numpy has loaded OpenBLAS by now, so its count is set through OpenBLAS's
     own call; the environment variables are set too, for processes this one
@@ -50,6 +50,8 @@ def set_threads(n):
         _pool = None
     NUM_THREADS = n
     _openblas_call("set_num_threads", n)
+    if _fused:
+        _fused.set_threads(n)
 
 
 def blas_threads():
@@ -126,6 +128,7 @@ def use_kernels(setting="auto"):
                                   "pip install -e '.[fast]', or set train.kernels to auto") from None
         else:
             _fused = module
+            module.set_threads(NUM_THREADS)
     return kernels_in_use()
 
 

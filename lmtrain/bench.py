@@ -28,7 +28,7 @@ from lmtrain.data.corpus import Corpus
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.generate import _feed, pick
 from lmtrain.nn.adaptive import tail_shapes
-from lmtrain.nn.cells import CELLS
+from lmtrain.nn.cells import CELLS, StepProducts, padded_width
 from lmtrain.nn.model import layer_sizes
 from lmtrain.train import Trainer
 from lmtrain.world import World
@@ -104,28 +104,33 @@ def _median_time(fn, repeats, number=1, world=World()):
     return float(np.median(times))
 
 
-def best_product_time(m, k, n, dtype, repeats=5):
+def best_product_time(m, k, n, dtype, repeats=5, steps=0):
     """Fastest time of an (m, k) @ (k, n) product over its ways of being computed: each operand
-    in C order or transposed, and the result either as A B or as (B^T A^T)^T (lmtrain itself
-    computes dA W_h^T the second way)."""
+    in C order or transposed, the result either as A B or as (B^T A^T)^T (lmtrain itself
+    computes dA W_h^T the second way), and for a time step's product in windows of ``steps`` steps
+    the step kernel where lmtrain uses it (cells.StepProducts), its rows padded as the forward pads them."""
     rng = np.random.default_rng(0)
-    best = math.inf
+    ways = []
     for (m_, k_, n_) in ((m, k, n), (n, k, m)):
         out = xp.empty((m_, n_), dtype)
         for a_t in (False, True):
             for b_t in (False, True):
                 a = xp.asarray(rng.standard_normal((k_, m_) if a_t else (m_, k_)), dtype)
                 b = xp.asarray(rng.standard_normal((n_, k_) if b_t else (k_, n_)), dtype)
-                a, b = (a.T if a_t else a), (b.T if b_t else b)
-                number = max(1, int(2e7 / max(2 * m * k * n, 1)))  # about 20 MFLOP per timing
-                xp.matmul(a, b, out=out)
-                times = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    for _ in range(number):
-                        xp.matmul(a, b, out=out)
-                    times.append((time.perf_counter() - start) / number)
-                best = min(best, min(times))
+                ways.append(functools.partial(xp.matmul, a.T if a_t else a, b.T if b_t else b, out=out))
+    kernel = StepProducts.kernel_for(m, steps) if steps else None
+    if kernel is not None:
+        x, wt = (xp.asarray(rng.standard_normal(shape), dtype) for shape in [(m, padded_width(k)), (n, padded_width(k))])
+        ways.append(functools.partial(kernel.matmul_t, x, wt, xp.empty((m, n), dtype)))
+    number = max(1, int(2e7 / max(2 * m * k * n, 1)))  # about 20 MFLOP per timing
+    best = math.inf
+    for way in ways:
+        way()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(number):
+                way()
+            best = min(best, (time.perf_counter() - start) / number)
     return best
 
 
@@ -221,10 +226,12 @@ class Bench:
         t, B, rows = self.cfg.train, self.local_batch, self.tail_rows
         products = training_products(self.cfg.model, self.V, B, t.bptt, tail_rows=rows)
         forward = training_products(self.cfg.model, self.V, B, t.bptt, backward=False, tail_rows=rows)
-        seconds = {(m, k, n): best_product_time(m, k, n, self.model.dtype) for _, m, k, n, _ in products}
-        total = lambda ps: sum(seconds[(m, k, n)] * count for _, m, k, n, count in ps)  # noqa: E731
+        key = lambda name, m, k, n: (m, k, n, t.bptt if name.endswith("(per step)") else 0)  # noqa: E731
+        seconds = {key(name, m, k, n): best_product_time(m, k, n, self.model.dtype, steps=key(name, m, k, n)[3])
+                   for name, m, k, n, _ in products}
+        total = lambda ps: sum(seconds[key(name, m, k, n)] * count for name, m, k, n, count in ps)  # noqa: E731
         rows = [{"product": name, "shape": [m, k, n], "count": count,
-                 "gflop_s": 2 * m * k * n / seconds[(m, k, n)] / 1e9} for name, m, k, n, count in products]
+                 "gflop_s": 2 * m * k * n / seconds[key(name, m, k, n)] / 1e9} for name, m, k, n, count in products]
         return total(products), total(forward), flops(products), rows
 
 

@@ -2,6 +2,7 @@ import importlib
 import os
 from pathlib import Path
 
+import lmtrain  # noqa: F401  before numpy, as the CLI imports it: it sets OpenBLAS's thread timeout
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]

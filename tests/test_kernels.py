@@ -80,11 +80,14 @@ def assert_same(a, b, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_cells_agree_with_numpy(on_path, cell, dtype):
+@pytest.mark.parametrize("B", [3, 6, 21])
+def test_cells_agree_with_numpy(on_path, cell, dtype, B):
     """A window forward and backward through a Recurrent layer, with a carried-in state and a gradient at
-    the final state: outputs, final state, every parameter gradient and the input and state gradients."""
+    the final state: outputs, final state, every parameter gradient and the input and state gradients.
+    At B = 3 the step products go through the step kernel's single rows, at 6 through its blocks of four
+    rows too, at 21 to BLAS (StepProducts.ROWS)."""
     rng = np.random.default_rng(5)
-    T, B, D, H = 7, 3, 5, 6
+    T, D, H = 7, 5, 6
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
     layer = Recurrent(*(rng.uniform(-0.6, 0.6, s).astype(dtype) for s in [(D, G * H), (H, G * H), (G * H,)]),
                       cell=cell)
@@ -104,6 +107,47 @@ def test_cells_agree_with_numpy(on_path, cell, dtype):
     a, b = both_paths(on_path, run)
     assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
     assert_same(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("B, K, N", [(1, 16, 7), (3, 5, 2), (4, 33, 1), (6, 48, 11), (20, 656, 2600), (20, 2600, 650)])
+def test_step_product_kernel_agrees_with_blas(dtype, B, K, N):
+    """fused.matmul_t against numpy's product: blocks of four rows and three columns, the rows and columns
+    left over, odd and tiny sizes; float64 to rounding, float32 to its reordered sums."""
+    rng = np.random.default_rng(8)
+    x, wt = rng.standard_normal((B, K)).astype(dtype), rng.standard_normal((N, K)).astype(dtype)
+    out = np.full((B, N), np.nan, dtype)
+    fused.matmul_t(x, wt, out)
+    ref = x.astype(np.float64) @ wt.T.astype(np.float64)
+    rtol = 1e-13 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * np.sqrt(K) * 4)
+    x[B // 2, K // 2] = np.nan  # no nnan in its fast-math flags: a NaN reaches its row of the result
+    fused.matmul_t(x, wt, out)
+    assert np.isnan(out[B // 2]).all() and np.isfinite(np.delete(out, B // 2, axis=0)).all()
+
+
+def test_step_products_choose_the_kernel_by_batch(on_path):
+    """StepProducts: the kernel for 2-20 rows and windows of MIN_STEPS steps or more with the kernels on,
+    BLAS otherwise and on the numpy path; h W_h (through the transposed, zero-padded copy) and d W_h^T
+    agree with numpy's either way."""
+    from lmtrain.nn.cells import StepProducts
+    rng = np.random.default_rng(9)
+    H, G = 37, 4
+    Wh = rng.standard_normal((H, G * H))
+    w = np.zeros((G * H + 5, H + 3))[:-5, 1:-2]  # a strided view: transpose_into writes through it
+    fused.transpose_into(Wh, w)
+    assert (w == Wh.T).all()
+    for path, B, T, kernel in [("numba", 20, 4, True), ("numba", 2, 35, True), ("numba", 21, 35, False),
+                               ("numba", 1, 35, False), ("numba", 20, 3, False), ("numpy", 4, 35, False)]:
+        on_path(path)
+        steps = StepProducts()
+        steps.load(Wh, B, T)
+        assert (steps.kernel is not None) == kernel
+        h, d = rng.standard_normal((B, H)), rng.standard_normal((B, G * H))
+        np.testing.assert_allclose(steps.times(h, np.empty((B, G * H))), h @ Wh, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(steps.times_t(d), d @ Wh.T, rtol=1e-12, atol=1e-12)
+        steps.load(2 * Wh, B, T)  # the next window's weights replace the copy
+        np.testing.assert_allclose(steps.times(h, np.empty((B, G * H))), h @ (2 * Wh), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

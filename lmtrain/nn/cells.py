@@ -22,18 +22,72 @@ the whole window; only ``h_{t-1} W_h`` and the element-wise cell run per step
 
 Where the fused kernels are in use (``lmtrain.backend.fused``, numba) each
 step's element-wise work is one call to a kernel of ``lmtrain/nn/fused.py``
-doing what the numpy lines beside it do, in one pass.
+doing what the numpy lines beside it do, in one pass; at small batches the
+step's product with W_h is a kernel too (``StepProducts``).
 """
+import lmtrain
 from lmtrain.backend import fused, xp
 
 
-def times_wh_t(d, Wh, out):
-    """``d @ W_h^T`` (B, H), computed as ``(W_h @ d^T)^T`` into ``out`` (H, B); the result is a view of ``out``.
+def padded_width(n):
+    """n rounded up to whole 16-float vectors: a dot product over rows padded with zeros has no scalar tail."""
+    return -(-n // 16) * 16
 
-    BLAS runs this form about 8% faster than ``d @ W_h^T`` at (20 x 2600) x (2600 x 650),
-    and W_h needs no transposed copy (1.4 ms per layer and window at that size).
+
+class StepProducts:
+    """The two products a time step makes with W_h: ``h_{t-1} W_h`` forward and ``d W_h^T`` backward.
+
+    Every other product of a window is one large product over all its steps (``Recurrent``); these
+    two are small, B rows (the batch) at a time.  numpy hands them to BLAS.  Where the fused kernels
+    are in use and 2 <= B <= 20, ``fused.matmul_t`` does them from W_h^T laid out once per window,
+    1.2-4x faster at those sizes (docs/performance.md); beyond 20 rows BLAS is as fast or faster, at
+    one row as fast.  The copy costs what the kernel saves in 3-4 forward steps, so windows shorter
+    than MIN_STEPS (generation's single steps) keep BLAS.  One per layer: it owns the copy, reused
+    from window to window.
     """
-    return xp.matmul(Wh, d.T, out=out).T
+
+    ROWS = range(2, 21)
+    MIN_STEPS = 4
+
+    def __init__(self):
+        self.Wh, self.kernel, self.wt, self.x = None, None, None, None
+
+    @classmethod
+    def kernel_for(cls, B, T):
+        """The kernels module where a window of T steps at batch B goes to the kernel, else None (BLAS)."""
+        k = fused()
+        use = B in cls.ROWS and T >= cls.MIN_STEPS and lmtrain.OPENBLAS_SPINS_SHORT
+        return k if k is not None and use else None
+
+    def load(self, Wh, B, T):
+        """Use ``Wh`` (H, G*H) for the steps of a window of T steps at batch B."""
+        self.Wh = Wh
+        self.kernel = k = self.kernel_for(B, T)
+        if k is not None:
+            H, G = Wh.shape
+            padded = (G, padded_width(H))
+            if self.wt is None or self.wt.shape != padded or self.wt.dtype != Wh.dtype:
+                self.wt = xp.zeros(padded, Wh.dtype)
+            if self.x is None or self.x.shape != (B, padded[1]) or self.x.dtype != Wh.dtype:
+                self.x = xp.zeros((B, padded[1]), Wh.dtype)
+            k.transpose_into(Wh, self.wt[:, :H])
+
+    def times(self, h, out):
+        """h W_h (B, G*H) into ``out``."""
+        if self.kernel is None:
+            return xp.matmul(h, self.Wh, out=out)
+        self.x[:, :h.shape[1]] = h
+        self.kernel.matmul_t(self.x, self.wt, out)
+        return out
+
+    def times_t(self, d):
+        """d W_h^T (B, H), a new array.  BLAS computes it as (W_h d^T)^T: 8% faster than d @ W_h^T at
+        (20 x 2600) x (2600 x 650), and W_h needs no transposed copy."""
+        if self.kernel is None:
+            return xp.matmul(self.Wh, d.T).T
+        out = xp.empty((d.shape[0], self.Wh.shape[0]), d.dtype)
+        self.kernel.matmul_t(d, self.Wh, out)
+        return out
 
 
 def sigmoid_(a):
@@ -118,7 +172,7 @@ class LSTMCell(Cell):
         return dc * f
 
     # -- one window -----------------------------------------------------------
-    def forward(self, ax, state, Wh, extra):
+    def forward(self, ax, state, wh, extra):
         """``ax`` (T, B, 4H): x W_x + b, turned into gate activations in place.  Returns h (T+1, B, H)."""
         T, B, _ = ax.shape
         b = self.buf.get(T, B, ax.dtype, h=(1, self.H), c=(1, self.H), tanh_c=(0, self.H),
@@ -128,7 +182,7 @@ class LSTMCell(Cell):
         h[0], c[0] = state
         k = fused()
         for t in range(T):
-            xp.matmul(h[t], Wh, out=u[t])
+            wh.times(h[t], u[t])
             if k is not None:
                 k.lstm_step_forward(ax[t], u[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
             else:
@@ -136,10 +190,10 @@ class LSTMCell(Cell):
                 self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
         return h, (h[T].copy(), c[T].copy())
 
-    def backward(self, dh_out, dstate, Wh, extra):
+    def backward(self, dh_out, dstate, wh, extra):
         """(d ax, d ah, d state_0, extra grads); for the LSTM d ax and d ah are one array."""
         T, B, H = dh_out.shape
-        dact, dhT = self.dact, xp.empty((H, B), dh_out.dtype)
+        dact = self.dact
         if dstate is None:
             dh_next, dc = xp.zeros((B, H), dh_out.dtype), xp.zeros((B, H), dh_out.dtype)
         else:
@@ -154,7 +208,7 @@ class LSTMCell(Cell):
                 dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
                 if self.probe is not None:
                     self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
-            dh_next = times_wh_t(dact[t], Wh, dhT)
+            dh_next = wh.times_t(dact[t])
         return dact, dact, (dh_next, dc), {}
 
 
@@ -168,7 +222,7 @@ class GRUCell(Cell):
     gates = 3
     extra_params = {"bias_h": lambda H: (H,)}  # b_hn: inside the reset product, so not mergeable into b
 
-    def forward(self, ax, state, Wh, extra):
+    def forward(self, ax, state, wh, extra):
         T, B, G = ax.shape
         H = self.H
         b = self.buf.get(T, B, ax.dtype, h=(1, H), un=(0, H), dax=(0, G), dah=(0, G), u=(0, G))
@@ -177,7 +231,7 @@ class GRUCell(Cell):
         h[0], = state
         k = fused()
         for t in range(T):
-            u = xp.matmul(h[t], Wh, out=b["u"][t])
+            u = wh.times(h[t], b["u"][t])
             if k is not None:
                 k.gru_step_forward(ax[t], u, b_hn, h[t], un[t], h[t + 1])
             else:
@@ -194,10 +248,9 @@ class GRUCell(Cell):
                 h[t + 1] += n
         return h, (h[T].copy(),)
 
-    def backward(self, dh_out, dstate, Wh, extra):
+    def backward(self, dh_out, dstate, wh, extra):
         T, B, H = dh_out.shape
         act, h, un, dax, dah = self.act, self.h, self.un, self.dax, self.dah
-        dhT = xp.empty((H, B), dh_out.dtype)
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
         k = None if self.probe is not None else fused()
         if k is not None:
@@ -205,7 +258,7 @@ class GRUCell(Cell):
             dh_w = xp.zeros((B, H), dh_out.dtype)
             for t in reversed(range(T)):
                 k.gru_step_backward(act[t], un[t], h[t], dh_out[t], dh_next, dh_w, dax[t], dah[t])
-                dh_w = times_wh_t(dah[t], Wh, dhT)
+                dh_w = wh.times_t(dah[t])
             dh_next += dh_w
         else:
             for t in reversed(range(T)):
@@ -225,14 +278,14 @@ class GRUCell(Cell):
                 if self.probe is not None:
                     self.probe.append({"h": dh.copy()})
                 dh_next = dh * z
-                dh_next += times_wh_t(dah[t], Wh, dhT)
+                dh_next += wh.times_t(dah[t])
         return dax, dah, (dh_next,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
 
 
 class RNNCell(Cell):
     """The plain (Elman) tanh RNN: h_t = tanh(x W_x + h_{t-1} W_h + b); state (h,)."""
 
-    def forward(self, ax, state, Wh, extra):
+    def forward(self, ax, state, wh, extra):
         T, B, _ = ax.shape
         b = self.buf.get(T, B, ax.dtype, h=(1, self.H), da=(0, self.H), u=(0, self.H))
         self.h, self.da = b["h"], b["da"]
@@ -240,7 +293,7 @@ class RNNCell(Cell):
         h[0], = state
         k = fused()
         for t in range(T):
-            u = xp.matmul(h[t], Wh, out=b["u"][t])
+            u = wh.times(h[t], b["u"][t])
             if k is not None:
                 k.rnn_step_forward(ax[t], u, h[t + 1])
             else:
@@ -248,10 +301,9 @@ class RNNCell(Cell):
                 xp.tanh(ax[t], out=h[t + 1])
         return h, (h[T].copy(),)
 
-    def backward(self, dh_out, dstate, Wh, extra):
+    def backward(self, dh_out, dstate, wh, extra):
         T, B, H = dh_out.shape
         h, da = self.h, self.da
-        dhT = xp.empty((H, B), dh_out.dtype)
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
         k = None if self.probe is not None else fused()
         for t in reversed(range(T)):
@@ -262,7 +314,7 @@ class RNNCell(Cell):
                 if self.probe is not None:
                     self.probe.append({"h": da[t].copy()})
                 da[t] *= 1.0 - h[t + 1] * h[t + 1]
-            dh_next = times_wh_t(da[t], Wh, dhT)
+            dh_next = wh.times_t(da[t])
         return da, da, (dh_next,), {}
 
 
@@ -298,6 +350,7 @@ class Recurrent:
         self.frozen = False      # reuse the current weight mask (gradient checks)
         self.wmask = None        # (H, G*H) scaled keep-mask of this forward pass, or None
         self._ax = _Buffers()
+        self.steps = StepProducts()  # this window's W_h, in the form the per-step products read it
 
     def recurrent_weight(self, train):
         """W_h as this pass uses it: with a fresh DropConnect mask when training with weight_drop."""
@@ -318,12 +371,12 @@ class Recurrent:
         T, B, D = x.shape
         Wx, b = self.params["weight_x"], self.params["bias"]
         G = Wx.shape[1]
-        self.Wh = Wh = self.recurrent_weight(train)
+        self.steps.load(self.recurrent_weight(train), B, T)
         self.x = x
         ax = self._ax.get(T, B, x.dtype, ax=(0, G))["ax"]
         xp.matmul(x.reshape(T * B, D), Wx, out=ax.reshape(T * B, G))
         ax += b
-        self.h, final = self.cell.forward(ax, state, Wh, self._extra())
+        self.h, final = self.cell.forward(ax, state, self.steps, self._extra())
         return self.h[1:], final
 
     def backward(self, dh_out, dstate=None):
@@ -332,7 +385,7 @@ class Recurrent:
         D = self.x.shape[2]
         Wx = self.params["weight_x"]
         G = Wx.shape[1]
-        dax, dah, dstate0, dextra = self.cell.backward(dh_out, dstate, self.Wh, self._extra())
+        dax, dah, dstate0, dextra = self.cell.backward(dh_out, dstate, self.steps, self._extra())
         dax2, dah2 = dax.reshape(T * B, G), dah.reshape(T * B, G)
         xp.matmul(self.x.reshape(T * B, D).T, dax2, out=self.grads["weight_x"])
         xp.matmul(self.h[:T].reshape(T * B, H).T, dah2, out=self.grads["weight_h"])

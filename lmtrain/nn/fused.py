@@ -24,18 +24,23 @@ Three details make the loops fast (docs/performance.md has the measurements):
 - No fast-math: the kernels keep IEEE semantics and the order of their
   sums (see ``kernel`` below), so a NaN still reaches the loss, where
   training's non-finite-step guard sees it, and results repeat to the bit.
+  The one exception is the time step's product with W_h (``matmul_t``),
+  a matrix product like BLAS's, whose sums may be reordered.
 - Simple loops: a loop touching many arrays stays scalar (see the forward
   kernels), so a step is a few loops over one row each.
 
 The kernels release the GIL; the callers split long ones over threads by rows
 (``lmtrain.backend.parallel_rows``), as the numpy code does, so one thread
-count governs both paths.
+count governs both paths.  The step product and ``transpose_into``, called
+once per step and too short for that, split themselves (numba's ``prange``,
+on OpenMP's threads) over the same count (``set_threads``).
 """
 import functools
 import math
 
+import numba
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 # IEEE arithmetic throughout (no fast-math): every kernel computes in the order its source says, so
@@ -243,6 +248,76 @@ def rnn_step_backward(h, dh_out, dh_next, da):
         for j in range(H):
             hh = h[b, j]
             da[b, j] = (dh_out[b, j] + dh_next[b, j]) * (_ONE - hh * hh)
+
+
+# ---------------------------------------------------------------------------
+# the product of one time step with W_h, at small batches (cells.StepProducts holds the numpy version)
+# ---------------------------------------------------------------------------
+# A step multiplies the batch's few rows by W_h: (B, H) x (H, 4H) forward, (B, 4H) x (4H, H) backward.
+# OpenBLAS copies W_h into its own blocked layout on every call, and at B <= 20 rows that copy and its
+# thread hand-over cost as much as the arithmetic (at H = 650, B = 2-5 it is 2.5-4x slower than this
+# kernel).  Here every output is the dot product of two contiguous rows, W_h^T being laid out once per
+# window (``transpose_into``); four batch rows and three weight rows at a time give twelve sums that
+# share their loads.  These are the only kernels that reorder sums (``reassoc``, so that LLVM can keep
+# vector-wide partial sums; no ``nnan``, so a NaN still gets through): a product's last bits differ from
+# BLAS's, as BLAS's differ between machines.  Each output is one thread's, summed in a fixed order, so
+# the results repeat to the bit.
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def matmul_t(x, wt, out):
+    """out = x @ wt.T for x (B, K) and wt (N, K), rows contiguous; threads share the N output columns."""
+    B, (N, K) = x.shape[0], wt.shape
+    zero = out.dtype.type(0)
+    for triple in prange((N + 2) // 3):
+        # three columns: a multiple of 3 past N repeats the last one (the same sums, written twice)
+        n0, n1, n2 = 3 * triple, min(3 * triple + 1, N - 1), min(3 * triple + 2, N - 1)
+        w0, w1, w2 = wt[n0], wt[n1], wt[n2]
+        for i in range(0, B - B % 4, 4):  # 4 x 3 sums: with the 4 values they load, AVX2's 16 registers
+            x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+            s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = s30 = s31 = s32 = zero
+            for k in range(K):
+                a, b, c = w0[k], w1[k], w2[k]
+                s00 += x0[k] * a
+                s01 += x0[k] * b
+                s02 += x0[k] * c
+                s10 += x1[k] * a
+                s11 += x1[k] * b
+                s12 += x1[k] * c
+                s20 += x2[k] * a
+                s21 += x2[k] * b
+                s22 += x2[k] * c
+                s30 += x3[k] * a
+                s31 += x3[k] * b
+                s32 += x3[k] * c
+            out[i, n0], out[i, n1], out[i, n2] = s00, s01, s02
+            out[i + 1, n0], out[i + 1, n1], out[i + 1, n2] = s10, s11, s12
+            out[i + 2, n0], out[i + 2, n1], out[i + 2, n2] = s20, s21, s22
+            out[i + 3, n0], out[i + 3, n1], out[i + 3, n2] = s30, s31, s32
+        for i in range(B - B % 4, B):
+            xi = x[i]
+            s0 = s1 = s2 = zero
+            for k in range(K):
+                s0 += xi[k] * w0[k]
+                s1 += xi[k] * w1[k]
+                s2 += xi[k] * w2[k]
+            out[i, n0], out[i, n1], out[i, n2] = s0, s1, s2
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def transpose_into(w, out):
+    """out[...] = w.T, in 64 x 64 tiles that stay in cache, reading rows of w (numpy's copy of the transposed
+    view takes 1.5x as long)."""
+    K, N = w.shape
+    for tile in prange((N + 63) // 64):
+        n0 = tile * 64
+        for k0 in range(0, K, 64):
+            for k in range(k0, min(K, k0 + 64)):
+                for n in range(n0, min(N, n0 + 64)):
+                    out[n, k] = w[k, n]
+
+
+def set_threads(n):
+    """Threads for the kernels that split their work themselves (``parallel=True``); the calling thread's setting."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 # ---------------------------------------------------------------------------
