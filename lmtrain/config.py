@@ -181,9 +181,10 @@ class TrainConfig:
                                                          min=0.0, max=1.0, min_exclusive=True)
     dtype: str = option("float32", "floating-point type of parameters and activations",
                         choices=["float32", "float64"])
-    kernels: str = option("auto", "element-wise work: numba's fused kernels (the fast extra: pip install "
-                          "'lmtrain[fast]'), plain numpy, or auto (numba where installed); the environment "
-                          "variable LMTRAIN_KERNELS overrides it; results agree to float rounding",
+    kernels: str = option("auto", "element-wise work and small batches' step products: numba's kernels (the "
+                          "fast extra: pip install 'lmtrain[fast]'), plain numpy, or auto (numba where "
+                          "installed); the environment variable LMTRAIN_KERNELS overrides it; results agree "
+                          "to float rounding",
                           choices=["auto", "numba", "numpy"])
     accumulate: int = option(1, "split each rank's streams into this many passes whose gradients are summed "
                              "before the update (same update, less memory); batch_size must divide by "
