@@ -117,7 +117,8 @@ class _Buffers:
 
 class Cell:
     """What a cell declares: ``gates`` blocks of H columns in W_x, W_h and b; the names of its
-    state arrays; extra parameters beyond those three.  ``forward`` and ``backward`` run a window."""
+    state arrays; extra parameters beyond those three.  ``forward`` and ``backward`` run a window,
+    making their products with W_h through ``wh``, the layer's StepProducts."""
 
     gates = 1
     state_names = ("h",)
