@@ -226,9 +226,10 @@ class Bench:
         t, B, rows = self.cfg.train, self.local_batch, self.tail_rows
         products = training_products(self.cfg.model, self.V, B, t.bptt, tail_rows=rows)
         forward = training_products(self.cfg.model, self.V, B, t.bptt, backward=False, tail_rows=rows)
+        # (m, k, n, steps of its window when it is a time step's product, else 0): each timed once
         key = lambda name, m, k, n: (m, k, n, t.bptt if name.endswith("(per step)") else 0)  # noqa: E731
-        seconds = {key(name, m, k, n): best_product_time(m, k, n, self.model.dtype, steps=key(name, m, k, n)[3])
-                   for name, m, k, n, _ in products}
+        seconds = {kind: best_product_time(*kind[:3], self.model.dtype, steps=kind[3])
+                   for kind in {key(name, m, k, n) for name, m, k, n, _ in products}}
         total = lambda ps: sum(seconds[key(name, m, k, n)] * count for name, m, k, n, count in ps)  # noqa: E731
         rows = [{"product": name, "shape": [m, k, n], "count": count,
                  "gflop_s": 2 * m * k * n / seconds[key(name, m, k, n)] / 1e9} for name, m, k, n, count in products]

@@ -145,7 +145,7 @@ def test_step_products_choose_the_kernel_by_batch(on_path):
         assert (steps.kernel is not None) == kernel
         h, d = rng.standard_normal((B, H)), rng.standard_normal((B, G * H))
         np.testing.assert_allclose(steps.times(h, np.empty((B, G * H))), h @ Wh, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(steps.times_t(d), d @ Wh.T, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(steps.times_t(d, steps.out_t(B, d.dtype)), d @ Wh.T, rtol=1e-12, atol=1e-12)
         steps.load(2 * Wh, B, T)  # the next window's weights replace the copy
         np.testing.assert_allclose(steps.times(h, np.empty((B, G * H))), h @ (2 * Wh), rtol=1e-12, atol=1e-12)
 

@@ -27,6 +27,7 @@ step's product with W_h is a kernel too (``StepProducts``).
 """
 import lmtrain
 from lmtrain.backend import fused, xp
+from lmtrain.nn.layers import row_buffer
 
 
 def padded_width(n):
@@ -65,27 +66,31 @@ class StepProducts:
         self.kernel = k = self.kernel_for(B, T)
         if k is not None:
             H, G = Wh.shape
-            padded = (G, padded_width(H))
-            if self.wt is None or self.wt.shape != padded or self.wt.dtype != Wh.dtype:
-                self.wt = xp.zeros(padded, Wh.dtype)
-            if self.x is None or self.x.shape != (B, padded[1]) or self.x.dtype != Wh.dtype:
-                self.x = xp.zeros((B, padded[1]), Wh.dtype)
+            self.wt = row_buffer(self.wt, G, padded_width(H), Wh.dtype, xp.zeros)[:G]
+            self.x = row_buffer(self.x, B, padded_width(H), Wh.dtype, xp.zeros)
             k.transpose_into(Wh, self.wt[:, :H])
 
     def times(self, h, out):
         """h W_h (B, G*H) into ``out``."""
         if self.kernel is None:
             return xp.matmul(h, self.Wh, out=out)
-        self.x[:, :h.shape[1]] = h
-        self.kernel.matmul_t(self.x, self.wt, out)
+        B, H = h.shape
+        x = self.x[:B]
+        x[:, :H] = h
+        self.kernel.matmul_t(x, self.wt, out)
         return out
 
-    def times_t(self, d):
-        """d W_h^T (B, H), a new array.  BLAS computes it as (W_h d^T)^T: 8% faster than d @ W_h^T at
-        (20 x 2600) x (2600 x 650), and W_h needs no transposed copy."""
+    def out_t(self, B, dtype):
+        """The buffer ``times_t`` writes into, one per backward pass: (B, H) for the kernel, (H, B) for BLAS,
+        which computes d W_h^T as (W_h d^T)^T: 8% faster than d @ W_h^T at (20 x 2600) x (2600 x 650),
+        and W_h needs no transposed copy."""
+        H = self.Wh.shape[0]
+        return xp.empty((B, H) if self.kernel is not None else (H, B), dtype)
+
+    def times_t(self, d, out):
+        """d W_h^T (B, H) into ``out`` (from ``out_t``); the result is ``out`` or a view of it."""
         if self.kernel is None:
-            return xp.matmul(self.Wh, d.T).T
-        out = xp.empty((d.shape[0], self.Wh.shape[0]), d.dtype)
+            return xp.matmul(self.Wh, d.T, out=out).T
         self.kernel.matmul_t(d, self.Wh, out)
         return out
 
@@ -194,7 +199,7 @@ class LSTMCell(Cell):
     def backward(self, dh_out, dstate, wh, extra):
         """(d ax, d ah, d state_0, extra grads); for the LSTM d ax and d ah are one array."""
         T, B, H = dh_out.shape
-        dact = self.dact
+        dact, dhT = self.dact, wh.out_t(B, dh_out.dtype)
         if dstate is None:
             dh_next, dc = xp.zeros((B, H), dh_out.dtype), xp.zeros((B, H), dh_out.dtype)
         else:
@@ -209,7 +214,7 @@ class LSTMCell(Cell):
                 dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
                 if self.probe is not None:
                     self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
-            dh_next = wh.times_t(dact[t])
+            dh_next = wh.times_t(dact[t], dhT)
         return dact, dact, (dh_next, dc), {}
 
 
@@ -252,6 +257,7 @@ class GRUCell(Cell):
     def backward(self, dh_out, dstate, wh, extra):
         T, B, H = dh_out.shape
         act, h, un, dax, dah = self.act, self.h, self.un, self.dax, self.dah
+        dhT = wh.out_t(B, dh_out.dtype)
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
         k = None if self.probe is not None else fused()
         if k is not None:
@@ -259,7 +265,7 @@ class GRUCell(Cell):
             dh_w = xp.zeros((B, H), dh_out.dtype)
             for t in reversed(range(T)):
                 k.gru_step_backward(act[t], un[t], h[t], dh_out[t], dh_next, dh_w, dax[t], dah[t])
-                dh_w = wh.times_t(dah[t])
+                dh_w = wh.times_t(dah[t], dhT)
             dh_next += dh_w
         else:
             for t in reversed(range(T)):
@@ -279,7 +285,7 @@ class GRUCell(Cell):
                 if self.probe is not None:
                     self.probe.append({"h": dh.copy()})
                 dh_next = dh * z
-                dh_next += wh.times_t(dah[t])
+                dh_next += wh.times_t(dah[t], dhT)
         return dax, dah, (dh_next,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
 
 
@@ -305,6 +311,7 @@ class RNNCell(Cell):
     def backward(self, dh_out, dstate, wh, extra):
         T, B, H = dh_out.shape
         h, da = self.h, self.da
+        dhT = wh.out_t(B, dh_out.dtype)
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
         k = None if self.probe is not None else fused()
         for t in reversed(range(T)):
@@ -315,7 +322,7 @@ class RNNCell(Cell):
                 if self.probe is not None:
                     self.probe.append({"h": da[t].copy()})
                 da[t] *= 1.0 - h[t + 1] * h[t + 1]
-            dh_next = wh.times_t(da[t])
+            dh_next = wh.times_t(da[t], dhT)
         return da, da, (dh_next,), {}
 
 
