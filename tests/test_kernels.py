@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lmtrain import backend
-from lmtrain.nn.cells import Recurrent
+from lmtrain.nn.cells import Recurrent, StepProducts
 from lmtrain.nn.layers import SoftmaxCrossEntropy
 from lmtrain.nn.params import ParamStore
 from lmtrain.optim import SGD, Adam
@@ -86,10 +86,24 @@ def test_cells_agree_with_numpy(on_path, cell, dtype, B):
     the final state: outputs, final state, every parameter gradient and the input and state gradients.
     At B = 3 the step products go through the step kernel's single rows, at 6 through its blocks of four
     rows too, at 21 to BLAS (StepProducts.ROWS)."""
+    cells_agree(on_path, cell, dtype, B, H=6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lstm_window_kernel_splits_large_steps_over_threads(on_path, dtype):
+    """From B x H = PARALLEL_CELL units a step the LSTM's window kernels split the cell's rows over the
+    threads: the same results as the numpy path."""
+    B, H = 16, 512
+    assert B * H >= fused.PARALLEL_CELL and B in StepProducts.ROWS
+    cells_agree(on_path, "lstm", dtype, B, H, T=4)
+
+
+def cells_agree(on_path, cell, dtype, B, H, T=7):
     rng = np.random.default_rng(5)
-    T, D, H = 7, 5, 6
+    D = 5
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
-    layer = Recurrent(*(rng.uniform(-0.6, 0.6, s).astype(dtype) for s in [(D, G * H), (H, G * H), (G * H,)]),
+    a = 0.6 * min(1.0, np.sqrt(6 / H))  # pre-activations of the same size at any H: float32's rounding stays small
+    layer = Recurrent(*(rng.uniform(-a, a, s).astype(dtype) for s in [(D, G * H), (H, G * H), (G * H,)]),
                       cell=cell)
     if cell == "gru":
         layer.params["bias_h"][...] = rng.uniform(-0.5, 0.5, H)
@@ -130,7 +144,6 @@ def test_step_products_choose_the_kernel_by_batch(on_path):
     """StepProducts: the kernel for 2-20 rows and windows of MIN_STEPS steps or more with the kernels on,
     BLAS otherwise and on the numpy path; h W_h (through the transposed, zero-padded copy) and d W_h^T
     agree with numpy's either way."""
-    from lmtrain.nn.cells import StepProducts
     rng = np.random.default_rng(9)
     H, G = 37, 4
     Wh = rng.standard_normal((H, G * H))

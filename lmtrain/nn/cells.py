@@ -39,7 +39,9 @@ class StepProducts:
     """The two products a time step makes with W_h: ``h_{t-1} W_h`` forward and ``d W_h^T`` backward.
 
     Every other product of a window is one large product over all its steps (``Recurrent``); these
-    two are small, B rows (the batch) at a time.  numpy hands them to BLAS.  Where the fused kernels
+    two are small, B rows (the batch) at a time.  Where they go to the kernel, the LSTM hands its whole
+    loop to one kernel call (``fused.lstm_window_forward``/``_backward``) that reads ``wt``, ``x`` and
+    ``Wh`` from here.  numpy hands them to BLAS.  Where the fused kernels
     are in use and 2 <= B <= 20, ``fused.matmul_t`` does them from W_h^T laid out once per window,
     1.2-4x faster at those sizes (docs/performance.md); beyond 20 rows BLAS is as fast or faster, at
     one row as fast.  The copy costs what the kernel saves in 3-4 forward steps, so windows shorter
@@ -187,6 +189,9 @@ class LSTMCell(Cell):
         h, c, u = self.h, self.c, b["u"]
         h[0], c[0] = state
         k = fused()
+        if wh.kernel is not None:  # the step products are fused.matmul_t's too: the whole loop in one call
+            k.lstm_window_forward(ax, u, c, self.tanh_c, h, wh.wt, wh.x[:B])
+            return h, (h[T].copy(), c[T].copy())
         for t in range(T):
             wh.times(h[t], u[t])
             if k is not None:
@@ -205,6 +210,9 @@ class LSTMCell(Cell):
         else:
             dh_next, dc = dstate[0].copy(), dstate[1].copy()
         k = None if self.probe is not None else fused()  # the probe reads dh and dc, which the kernel never forms
+        if k is not None and wh.kernel is not None and T > 0:  # as in forward: the whole loop in one call
+            k.lstm_window_backward(self.act, self.c, self.tanh_c, dh_out, dh_next, dc, dact, wh.Wh, dhT)
+            return dact, dact, (dhT, dc), {}
         for t in reversed(range(T)):
             if k is not None:  # dc becomes the gradient at c_{t-1} in place
                 k.lstm_step_backward(self.act[t], self.c[t], self.tanh_c[t], dh_out[t], dh_next, dc, dact[t])
