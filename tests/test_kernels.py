@@ -14,7 +14,7 @@ import pytest
 
 from lmtrain import backend
 from lmtrain.nn.cells import Recurrent, StepProducts
-from lmtrain.nn.layers import SoftmaxCrossEntropy
+from lmtrain.nn.layers import Embedding, SoftmaxCrossEntropy
 from lmtrain.nn.params import ParamStore
 from lmtrain.optim import SGD, Adam
 from tests.conftest import ROOT, optional
@@ -188,6 +188,29 @@ def test_softmax_cross_entropy_agrees_with_numpy(on_path, dtype, weighted):
     # evaluation's loss (no gradient kept) is training's to the bit: dynamic evaluation relies on it
     on_path("numba")
     assert layer.forward(logits, targets, weights, grad=False) == layer.forward(logits, targets, weights)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedding_gradient_agrees_with_numpy(on_path, dtype):
+    """Repeated words summed, the rows the tied decoder wrote first kept (``rows_written``), embedding
+    dropout's scale applied."""
+    rng = np.random.default_rng(10)
+    V, E = 50, 24
+    weight = rng.standard_normal((V, E)).astype(dtype)
+    ids = rng.integers(0, 20, (7, 5))  # few distinct words: many repeats
+    dout = rng.standard_normal((7, 5, E)).astype(dtype)
+    decoder_rows = rng.standard_normal((10, E)).astype(dtype)
+
+    def run():
+        layer = Embedding(weight.copy(), word_drop=0.3, rng=np.random.default_rng(0))
+        layer.rows_written = 10
+        layer.grads["weight"][:10] = decoder_rows
+        layer.forward(ids, train=True)
+        layer.backward(dout.copy())
+        return [layer.grads["weight"].copy()]
+    a, b = both_paths(on_path, run)
+    assert_same(a, b, dtype)
+    assert (a[0][10:20] != 0).any() and (a[0][20:] == 0).all()
 
 
 def test_softmax_nan_reaches_the_loss(on_path):

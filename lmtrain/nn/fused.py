@@ -461,6 +461,19 @@ def nll_rows(logits, targets, nll):
 
 
 # ---------------------------------------------------------------------------
+# the embedding's gradient (layers.Embedding holds the numpy version)
+# ---------------------------------------------------------------------------
+@kernel
+def add_rows(out, ids, rows):
+    """Embedding.backward's sum over repeated words: out[ids[n]] += rows[n], n in order.  numpy needs a
+    sort and a segmented sum for it (2.1 ms at 700 ids x 650 columns, 0.1-0.2 ms here)."""
+    for n in range(ids.shape[0]):
+        o, r = out[ids[n]], rows[n]
+        for j in range(o.shape[0]):
+            o[j] += r[j]
+
+
+# ---------------------------------------------------------------------------
 # optimizer updates on a slice of the flat parameter buffer (optim.py holds the numpy versions)
 # ---------------------------------------------------------------------------
 # The scalars come in the buffers' type (a Python float would make the arithmetic float64).
