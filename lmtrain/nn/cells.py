@@ -39,14 +39,13 @@ class StepProducts:
     """The two products a time step makes with W_h: ``h_{t-1} W_h`` forward and ``d W_h^T`` backward.
 
     Every other product of a window is one large product over all its steps (``Recurrent``); these
-    two are small, B rows (the batch) at a time.  Where they go to the kernel, the LSTM hands its whole
-    loop to one kernel call (``fused.lstm_window_forward``/``_backward``) that reads ``wt``, ``x`` and
-    ``Wh`` from here.  numpy hands them to BLAS.  Where the fused kernels
+    two are small, B rows (the batch) at a time.  numpy hands them to BLAS.  Where the fused kernels
     are in use and 2 <= B <= 20, ``fused.matmul_t`` does them from W_h^T laid out once per window,
     1.2-4x faster at those sizes (docs/performance.md); beyond 20 rows BLAS is as fast or faster, at
     one row as fast.  The copy costs what the kernel saves in 3-4 forward steps, so windows shorter
     than MIN_STEPS (generation's single steps) keep BLAS.  One per layer: it owns the copy, reused
-    from window to window.
+    from window to window.  Where the kernel makes the products, the LSTM runs its whole loop in one
+    kernel call (``fused.lstm_window_forward``/``_backward``), which reads ``wt``, ``x`` and ``Wh`` from here.
     """
 
     ROWS = range(2, 21)
@@ -210,7 +209,7 @@ class LSTMCell(Cell):
         else:
             dh_next, dc = dstate[0].copy(), dstate[1].copy()
         k = None if self.probe is not None else fused()  # the probe reads dh and dc, which the kernel never forms
-        if k is not None and wh.kernel is not None and T > 0:  # as in forward: the whole loop in one call
+        if k is not None and wh.kernel is not None:  # as in forward: the whole loop in one call
             k.lstm_window_backward(self.act, self.c, self.tanh_c, dh_out, dh_next, dc, dact, wh.Wh, dhT)
             return dact, dact, (dhT, dc), {}
         for t in reversed(range(T)):

@@ -36,7 +36,8 @@ The kernels release the GIL; the callers split long ones over threads by rows
 (``lmtrain.backend.parallel_rows``), as the numpy code does, so one thread
 count governs both paths.  The step product and ``transpose_into``, called
 once per step and too short for that, split themselves (numba's ``prange``,
-on OpenMP's threads) over the same count (``set_threads``).
+on OpenMP's threads) over the same count (``set_threads``), as do the LSTM's
+window kernels, which run a window's whole loop of steps in one call.
 """
 import functools
 import math
