@@ -341,9 +341,11 @@ def transpose_into(w, out):
 # loop is one call: per step the product (split over the threads by weight rows) and then the cell
 # (split by batch rows where the step has at least PARALLEL_CELL units), the same arithmetic in the same
 # order, so the result is the same to the bit.  Splitting the cell costs a few microseconds of hand-over:
-# at B x H = 20 x 100 (10 us of cell work) that made an evaluation window 2.5% slower, at 20 x 650 it made
+# at B x H = 20 x 100 (10 us of cell work) that made an evaluation window 2-2.5% slower, at 20 x 650 it made
 # one 5.5% faster (docs/performance.md).
 PARALLEL_CELL = 8192
+
+
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def lstm_window_forward(ax, u, c, tanh_c, h, wt, x):
     """LSTMCell.forward's loop: for each step t, u[t] = h[t] W_h through ``matmul_t`` from W_h^T laid
