@@ -27,7 +27,7 @@ step's product with W_h is a kernel too (``StepProducts``).
 """
 import lmtrain
 from lmtrain.backend import fused, xp
-from lmtrain.nn.layers import row_buffer
+from lmtrain.nn.layers import keep_mask, row_buffer
 
 
 def padded_width(n):
@@ -374,9 +374,7 @@ class Recurrent:
             self.wmask = None
             return Wh
         if not (self.frozen and self.wmask is not None):
-            keep = 1.0 - self.weight_drop
-            self.wmask = (self.rng.random(Wh.shape, dtype=Wh.dtype) < keep).astype(Wh.dtype)
-            self.wmask *= Wh.dtype.type(1.0 / keep)
+            self.wmask = keep_mask(self.rng, Wh.shape, self.weight_drop, Wh.dtype)
         return Wh * self.wmask
 
     def _extra(self):

@@ -24,6 +24,16 @@ def row_buffer(buf, n, cols, dtype, new=xp.empty):
     return buf
 
 
+def keep_mask(rng, shape, p, dtype):
+    """Inverted dropout's mask of ``shape``: 1 / (1 - p) where a uniform draw falls under 1 - p, else 0.
+
+    Drawn in the activations' dtype: a float64 mask would double the traffic."""
+    keep = 1.0 - p
+    mask = (rng.random(shape, dtype=dtype) < keep).astype(dtype)
+    mask *= mask.dtype.type(1.0 / keep)
+    return mask
+
+
 class Embedding:
     """ids (T, B) -> vectors (T, B, E): row ``ids[t, b]`` of ``weight`` (V, E).
 
@@ -55,9 +65,7 @@ class Embedding:
             return out
         W = self.params["weight"]
         if not (self.frozen and self.word_mask is not None):
-            keep = 1.0 - self.word_drop
-            self.word_mask = (self.rng.random(W.shape[0], dtype=W.dtype) < keep).astype(W.dtype)
-            self.word_mask *= W.dtype.type(1.0 / keep)
+            self.word_mask = keep_mask(self.rng, W.shape[0], self.word_drop, W.dtype)
         self.scale = self.word_mask[ids][..., None]
         out *= self.scale
         return out
@@ -153,10 +161,7 @@ class Dropout:
             return x
         shape = (1,) + x.shape[1:] if self.locked else x.shape
         if not (self.frozen and self.mask is not None and self.mask.shape == shape):
-            keep = 1.0 - self.p
-            # Sample in the activations' dtype: a float64 mask would double the traffic.
-            self.mask = (self.rng.random(shape, dtype=x.dtype) < keep).astype(x.dtype)
-            self.mask *= x.dtype.type(1.0 / keep)
+            self.mask = keep_mask(self.rng, shape, self.p, x.dtype)
         return x * self.mask
 
     def backward(self, dout):
