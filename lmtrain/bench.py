@@ -1,10 +1,13 @@
 """`lmtrain bench`: how fast a config trains, evaluates and generates on this machine, and against what limit.
 
 Training is timed through ``Trainer.train_step``, the code `lmtrain fit` runs.
-The *limit* of a training step is the time its matrix products would take
-if each ran at the best rate this machine's BLAS reaches for that shape,
-measured in the same process: products of one time step at batch 20 run far
-below the rate of whole-window products, so each shape gets its own rate.
+The *limit* of a training step is the time its matrix products alone take,
+each computed by the fastest way this machine has for its shape (found in the
+same process: products of one time step at batch 20 run far below the rate of
+whole-window products, so each shape gets its own).  Training passes and
+passes of their products alone are timed in alternation, and the percentage
+of the limit reached is the median of the rounds' ratios, so that a change in
+the machine's speed between the two does not show as a change in lmtrain's.
 Every figure is a median over repeats after a warm-up.
 
 Under ``mpiexec -n K`` every rank trains its share of the streams, as in
@@ -104,11 +107,11 @@ def _median_time(fn, repeats, number=1, world=World()):
     return float(np.median(times))
 
 
-def best_product_time(m, k, n, dtype, repeats=5, steps=0):
-    """Fastest time of an (m, k) @ (k, n) product over its ways of being computed: each operand
-    in C order or transposed, the result either as A B or as (B^T A^T)^T (lmtrain itself
-    computes dA W_h^T the second way), and for a time step's product in windows of ``steps`` steps
-    the step kernel where lmtrain uses it (cells.StepProducts), its rows padded as the forward pads them."""
+def product_ways(m, k, n, dtype, steps=0):
+    """Every way lmtrain could compute an (m, k) @ (k, n) product, as calls: each operand in C order or
+    transposed, the result either as A B or as (B^T A^T)^T (lmtrain itself computes dA W_h^T the second
+    way), and for a time step's product in windows of ``steps`` steps the step kernel where lmtrain uses
+    it (cells.StepProducts), on rows padded as the forward pads them and on rows as they are."""
     rng = np.random.default_rng(0)
     ways = []
     for (m_, k_, n_) in ((m, k, n), (n, k, m)):
@@ -120,18 +123,31 @@ def best_product_time(m, k, n, dtype, repeats=5, steps=0):
                 ways.append(functools.partial(xp.matmul, a.T if a_t else a, b.T if b_t else b, out=out))
     kernel = StepProducts.kernel_for(m, steps) if steps else None
     if kernel is not None:
-        x, wt = (xp.asarray(rng.standard_normal(shape), dtype) for shape in [(m, padded_width(k)), (n, padded_width(k))])
-        ways.append(functools.partial(kernel.matmul_t, x, wt, xp.empty((m, n), dtype)))
-    number = max(1, int(2e7 / max(2 * m * k * n, 1)))  # about 20 MFLOP per timing
+        for width in sorted({k, padded_width(k)}):
+            x, wt = (xp.asarray(rng.standard_normal(shape), dtype) for shape in [(m, width), (n, width)])
+            ways.append(functools.partial(kernel.matmul_t, x, wt, xp.empty((m, n), dtype)))
+    return ways
+
+
+def time_product(way, m, k, n, repeats):
+    """Fastest of ``repeats`` timings of one product's ``way``, each over about 20 MFLOP of calls."""
+    number = max(1, int(2e7 / max(2 * m * k * n, 1)))
     best = math.inf
-    for way in ways:
-        way()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(number):
-                way()
-            best = min(best, (time.perf_counter() - start) / number)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            way()
+        best = min(best, (time.perf_counter() - start) / number)
     return best
+
+
+def fastest_way(m, k, n, dtype, repeats=5, steps=0):
+    """(seconds, way): the fastest of ``product_ways`` and its time."""
+    timed = []
+    for way in product_ways(m, k, n, dtype, steps):
+        way()
+        timed.append((time_product(way, m, k, n, repeats), way))
+    return min(timed, key=lambda pair: pair[0])
 
 
 def synthetic_corpus(vocab_size, n_tokens, seed=0):
@@ -190,10 +206,32 @@ class Bench:
     def tokens_per_pass(self):
         return self.steps * self.cfg.train.bptt * self.cfg.train.batch_size
 
-    def train_tokens_per_s(self, repeats=5):
+    def train_against_limit(self, repeats=5):
+        """Training and its limit, timed side by side: ``repeats`` rounds of one training pass and one
+        pass of the same windows' matrix products alone, back to back, each product by its fastest way
+        (``fastest_way``, found once before the first round).  This machine's speed changes by a quarter
+        within seconds; both passes are timed alike, right after each other, so each round's ratio
+        compares like with like, and the report takes the medians.
+
+        Returns (tokens/s, seconds per window, limit seconds per window, limit over window), medians over
+        the rounds; ``self.best`` keeps each product shape's fastest time (its best rate)."""
         self.train_pass()  # warm-up: buffers, BLAS threads
-        seconds = _median_time(self.train_pass, repeats, world=self.world)
-        return self.tokens_per_pass() / seconds, seconds / self.steps
+        ways = {kind: fastest_way(*kind[:3], self.model.dtype, steps=kind[3]) for kind in self.product_kinds()}
+        self.best = {kind: seconds for kind, (seconds, _) in ways.items()}
+        calls = [(ways[self.kind(name, m, k, n)][1], count) for name, m, k, n, count in self.products()]
+
+        def products_pass():
+            for _ in range(self.steps):
+                for way, count in calls:
+                    for _ in range(count):
+                        way()
+        windows, limits = [], []
+        for _ in range(repeats):
+            windows.append(_median_time(self.train_pass, 1, world=self.world) / self.steps)
+            limits.append(_median_time(products_pass, 1, world=self.world) / self.steps)
+        window, limit = float(np.median(windows)), float(np.median(limits))
+        ratio = float(np.median(np.array(limits) / np.array(windows)))
+        return self.tokens_per_pass() / (window * self.steps), window, limit, ratio
 
     def eval_tokens_per_s(self, repeats=5):
         self.eval_pass()
@@ -220,29 +258,35 @@ class Bench:
         targets = [get_batch(self.trainer.train_data, k * t.bptt, t.bptt)[1] for k in range(self.steps)]
         return [float(np.mean([((y >= a) & (y < b)).sum() for y in targets])) for a, b in zip(edges, edges[1:])]
 
-    def limit_seconds(self):
-        """Per window: the matrix products at their best measured rates, for training and for
-        evaluation (forward only).  Returns (training s, evaluation s, training FLOPs, rows)."""
-        t, B, rows = self.cfg.train, self.local_batch, self.tail_rows
-        products = training_products(self.cfg.model, self.V, B, t.bptt, tail_rows=rows)
-        forward = training_products(self.cfg.model, self.V, B, t.bptt, backward=False, tail_rows=rows)
-        # (m, k, n, steps of its window when it is a time step's product, else 0): each timed once
-        key = lambda name, m, k, n: (m, k, n, t.bptt if name.endswith("(per step)") else 0)  # noqa: E731
-        seconds = {kind: best_product_time(*kind[:3], self.model.dtype, steps=kind[3])
-                   for kind in {key(name, m, k, n) for name, m, k, n, _ in products}}
-        total = lambda ps: sum(seconds[key(name, m, k, n)] * count for name, m, k, n, count in ps)  # noqa: E731
+    def products(self, backward=True):
+        """(name, m, k, n, count) of every matrix product of one window (``backward=False``: the forward's)."""
+        t = self.cfg.train
+        return training_products(self.cfg.model, self.V, self.local_batch, t.bptt, backward, self.tail_rows)
+
+    def kind(self, name, m, k, n):
+        """What a product's timing depends on: (m, k, n, steps of its window when it is a time step's product)."""
+        return (m, k, n, self.cfg.train.bptt if name.endswith("(per step)") else 0)
+
+    def product_kinds(self):
+        return {self.kind(name, m, k, n) for name, m, k, n, _ in self.products()}
+
+    def limit_seconds(self, seconds):
+        """Per window, with ``seconds`` the time of each product kind: the matrix products of training and
+        of evaluation (forward only).  Returns (training s, evaluation s, training FLOPs, rows)."""
+        total = lambda ps: sum(seconds[self.kind(name, m, k, n)] * count for name, m, k, n, count in ps)  # noqa: E731
+        products = self.products()
         rows = [{"product": name, "shape": [m, k, n], "count": count,
-                 "gflop_s": 2 * m * k * n / seconds[key(name, m, k, n)] / 1e9} for name, m, k, n, count in products]
-        return total(products), total(forward), flops(products), rows
+                 "gflop_s": 2 * m * k * n / seconds[self.kind(name, m, k, n)] / 1e9} for name, m, k, n, count in products]
+        return total(products), total(self.products(backward=False)), flops(products), rows
 
 
 def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
     b = Bench(cfg, vocab_size, steps, world)
-    train_tps, step_s = b.train_tokens_per_s(repeats)
+    train_tps, step_s, limit_s, ratio = b.train_against_limit(repeats)
     eval_tps = b.eval_tokens_per_s(repeats)
     allreduce_s = b.allreduce_seconds(repeats)
     gen_ms = b.generate_ms_per_token(repeats=repeats)
-    limit_s, eval_limit_s, step_flops, products = b.limit_seconds()
+    best_rates_s, eval_limit_s, step_flops, products = b.limit_seconds(b.best)
     t, B = cfg.train, b.local_batch
     return {
         "config": {"emb_size": cfg.model.emb_size, "hidden_size": cfg.model.hidden_size,
@@ -252,6 +296,7 @@ def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
                    "batch_size": t.batch_size, "bptt": t.bptt, "optimizer": t.optimizer, "dtype": t.dtype,
                    "kernels": kernels_in_use()},
         "ranks": world.size,
+        "repeats": repeats,
         "threads": {"blas": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
                     "blas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT", "default"),
                     "elementwise": __import__("lmtrain.backend", fromlist=["NUM_THREADS"]).NUM_THREADS},
@@ -260,7 +305,8 @@ def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
         "train_gflop_s": world.size * step_flops / step_s / 1e9,
         "flops_per_token": step_flops / (B * t.bptt),
         "limit_step_ms": 1000 * limit_s,
-        "percent_of_limit": 100 * limit_s / step_s,
+        "limit_best_rates_ms": 1000 * best_rates_s,
+        "percent_of_limit": 100 * ratio,
         "gradient_mb": b.model.store.grad.nbytes / 1e6,
         "allreduce_ms": 1000 * allreduce_s,
         "eval_tokens_per_s": eval_tps,
@@ -281,9 +327,10 @@ def format_report(r):
            + ", ".join(f"{n:.1f}" for n in c["tail_rows"])] if c["softmax"] == "adaptive" else []),
         f"training    {r['train_tokens_per_s']:>10,.0f} tokens/s   {r['train_step_ms']:.1f} ms per window, "
         f"{r['train_gflop_s']:.0f} GFLOP/s ({r['flops_per_token'] / 1e6:.1f} MFLOP per token)",
-        f"limit       {r['limit_step_ms']:>10.1f} ms per window at the best measured rate of each "
-        f"{'rank' + chr(39) + 's ' if r['ranks'] > 1 else ''}product: "
-        f"{r['percent_of_limit']:.0f}% of the limit reached",
+        f"limit       {r['limit_step_ms']:>10.1f} ms per window for its "
+        f"{'rank' + chr(39) + 's ' if r['ranks'] > 1 else ''}matrix products alone: "
+        f"{r['percent_of_limit']:.0f}% of the limit reached (median of {r['repeats']} rounds timing both; "
+        f"each product at its shape's best rate: {r['limit_best_rates_ms']:.1f} ms)",
         f"evaluation  {r['eval_tokens_per_s']:>10,.0f} tokens/s   limit {r['eval_limit_tokens_per_s']:,.0f} tokens/s "
         f"(its forward products at their best measured rates)",
         *([f"ranks       {r['ranks']:>10}   {c['batch_size'] // r['ranks']} streams each; one Allreduce of the "

@@ -23,7 +23,7 @@ def test_bench_command_reports_every_figure(tiny_config):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     for key in ("train_tokens_per_s", "eval_tokens_per_s", "generate_ms_per_token", "percent_of_limit",
-                "train_gflop_s", "peak_rss_mb", "limit_step_ms"):
+                "train_gflop_s", "peak_rss_mb", "limit_step_ms", "limit_best_rates_ms"):
         assert report[key] > 0, key
     assert len(report["products"]) == 9
     assert report["eval_limit_tokens_per_s"] > 0
