@@ -129,25 +129,19 @@ def product_ways(m, k, n, dtype, steps=0):
     return ways
 
 
-def time_product(way, m, k, n, repeats):
-    """Fastest of ``repeats`` timings of one product's ``way``, each over about 20 MFLOP of calls."""
-    number = max(1, int(2e7 / max(2 * m * k * n, 1)))
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(number):
-            way()
-        best = min(best, (time.perf_counter() - start) / number)
-    return best
-
-
 def fastest_way(m, k, n, dtype, repeats=5, steps=0):
-    """(seconds, way): the fastest of ``product_ways`` and its time."""
-    timed = []
+    """(seconds, way): the fastest of ``product_ways`` and its time, the best of ``repeats`` timings of
+    about 20 MFLOP of calls each."""
+    number = max(1, int(2e7 / max(2 * m * k * n, 1)))
+    best = (math.inf, None)
     for way in product_ways(m, k, n, dtype, steps):
         way()
-        timed.append((time_product(way, m, k, n, repeats), way))
-    return min(timed, key=lambda pair: pair[0])
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(number):
+                way()
+            best = min(best, ((time.perf_counter() - start) / number, way), key=lambda pair: pair[0])
+    return best
 
 
 def synthetic_corpus(vocab_size, n_tokens, seed=0):

@@ -190,14 +190,14 @@ class LSTMCell(Cell):
         k = fused()
         if wh.kernel is not None:  # the step products are fused.matmul_t's too: the whole loop in one call
             k.lstm_window_forward(ax, u, c, self.tanh_c, h, wh.wt, wh.x[:B])
-            return h, (h[T].copy(), c[T].copy())
-        for t in range(T):
-            wh.times(h[t], u[t])
-            if k is not None:
-                k.lstm_step_forward(ax[t], u[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
-            else:
-                ax[t] += u[t]
-                self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
+        else:
+            for t in range(T):
+                wh.times(h[t], u[t])
+                if k is not None:
+                    k.lstm_step_forward(ax[t], u[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
+                else:
+                    ax[t] += u[t]
+                    self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
         return h, (h[T].copy(), c[T].copy())
 
     def backward(self, dh_out, dstate, wh, extra):
@@ -211,17 +211,18 @@ class LSTMCell(Cell):
         k = None if self.probe is not None else fused()  # the probe reads dh and dc, which the kernel never forms
         if k is not None and wh.kernel is not None:  # as in forward: the whole loop in one call
             k.lstm_window_backward(self.act, self.c, self.tanh_c, dh_out, dh_next, dc, dact, wh.Wh, dhT)
-            return dact, dact, (dhT, dc), {}
-        for t in reversed(range(T)):
-            if k is not None:  # dc becomes the gradient at c_{t-1} in place
-                k.lstm_step_backward(self.act[t], self.c[t], self.tanh_c[t], dh_out[t], dh_next, dc, dact[t])
-            else:
-                dh = dh_out[t] + dh_next
-                dc_t = dc  # step_backward completes it in place: the whole gradient at c_t
-                dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
-                if self.probe is not None:
-                    self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
-            dh_next = wh.times_t(dact[t], dhT)
+            dh_next = dhT
+        else:
+            for t in reversed(range(T)):
+                if k is not None:  # dc becomes the gradient at c_{t-1} in place
+                    k.lstm_step_backward(self.act[t], self.c[t], self.tanh_c[t], dh_out[t], dh_next, dc, dact[t])
+                else:
+                    dh = dh_out[t] + dh_next
+                    dc_t = dc  # step_backward completes it in place: the whole gradient at c_t
+                    dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
+                    if self.probe is not None:
+                        self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
+                dh_next = wh.times_t(dact[t], dhT)
         return dact, dact, (dh_next, dc), {}
 
 
