@@ -163,6 +163,44 @@ def test_step_products_choose_the_kernel_by_batch(on_path):
         np.testing.assert_allclose(steps.times(h, np.empty((B, G * H))), h @ (2 * Wh), rtol=1e-12, atol=1e-12)
 
 
+def test_evaluation_reuses_the_transposed_weights_only_while_they_are_unchanged(on_path):
+    """An evaluation window keeps the previous window's W_h^T when W_h is the same to the bit, and each
+    forward equals a new layer's (which transposes afresh) after the weights change in place, after a
+    training window with DropConnect (whose copy holds the masked W_h) and after a training window alone."""
+    on_path("numba")
+    rng = np.random.default_rng(12)
+    T, B, H = 6, 4, 21
+    Wx, Wh, b = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in [(H, 4 * H), (H, 4 * H), (4 * H,)])
+    layer = Recurrent(Wx, Wh, b, weight_drop=0.5, rng=np.random.default_rng(0))
+    x = rng.standard_normal((T, B, H)).astype(np.float32)
+    state = tuple(np.zeros((B, H), np.float32) for _ in range(2))
+
+    calls = []
+
+    def evaluate_and_check():
+        """Whether the layer transposed W_h for this window."""
+        before = len(calls)
+        out = layer.forward(x, state, train=False)[0].copy()
+        transposed = len(calls) > before
+        fresh = Recurrent(Wx.copy(), Wh.copy(), b.copy()).forward(x, state, train=False)[0]
+        assert np.array_equal(out, fresh)
+        return transposed
+
+    transpose = fused.transpose_into
+    try:
+        fused.transpose_into = lambda w, out: (calls.append(1), transpose(w, out))
+        assert evaluate_and_check() and not evaluate_and_check()  # the second window reuses the copy
+        Wh[H - 1, 4 * H - 1] += 0.25  # the last weight: the comparison reads to the end
+        assert evaluate_and_check() and not evaluate_and_check()
+        layer.forward(x, state, train=True)  # transposes W_h with its DropConnect mask
+        assert evaluate_and_check()
+        layer.weight_drop = 0.0
+        layer.forward(x, state, train=True)
+        assert evaluate_and_check()
+    finally:
+        fused.transpose_into = transpose
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_softmax_cross_entropy_agrees_with_numpy(on_path, dtype, weighted):

@@ -53,6 +53,7 @@ class StepProducts:
 
     def __init__(self):
         self.Wh, self.kernel, self.wt, self.x = None, None, None, None
+        self.source = None  # the bits of the W_h that ``wt`` was made from, kept where ``load`` may reuse it
 
     @classmethod
     def kernel_for(cls, B, T):
@@ -61,15 +62,31 @@ class StepProducts:
         use = B in cls.ROWS and T >= cls.MIN_STEPS and lmtrain.OPENBLAS_SPINS_SHORT
         return k if k is not None and use else None
 
-    def load(self, Wh, B, T):
-        """Use ``Wh`` (H, G*H) for the steps of a window of T steps at batch B."""
+    def load(self, Wh, B, T, reuse=False):
+        """Use ``Wh`` (H, G*H) for the steps of a window of T steps at batch B.
+
+        ``reuse`` (evaluation, whose weights stay put from window to window) keeps the transposed copy
+        when W_h is, bit for bit, the one it was made from: comparing reads W_h and a copy of it in order,
+        while transposing writes across rows (docs/performance.md).  Training, whose weights move every
+        step, transposes every window and drops the copy, so a later evaluation never reuses a transpose
+        of weights that training has since changed or masked.
+        """
         self.Wh = Wh
         self.kernel = k = self.kernel_for(B, T)
-        if k is not None:
-            H, G = Wh.shape
-            self.wt = row_buffer(self.wt, G, padded_width(H), Wh.dtype, xp.zeros)[:G]
-            self.x = row_buffer(self.x, B, padded_width(H), Wh.dtype, xp.zeros)
-            k.transpose_into(Wh, self.wt[:, :H])
+        if k is None:
+            return
+        H, G = Wh.shape
+        self.x = row_buffer(self.x, B, padded_width(H), Wh.dtype, xp.zeros)
+        reuse = reuse and Wh.flags.c_contiguous  # (W_h is a whole block of the parameter buffer)
+        if reuse:
+            bits = Wh.view(f"i{Wh.dtype.itemsize}")  # the same shape, its floats read as integers
+            old = self.source
+            if (old is not None and old.dtype == bits.dtype and old.shape == bits.shape
+                    and k.same_bits(bits.reshape(-1), old.reshape(-1))):
+                return
+        self.wt = row_buffer(self.wt, G, padded_width(H), Wh.dtype, xp.zeros)[:G]
+        k.transpose_into(Wh, self.wt[:, :H])
+        self.source = bits.copy() if reuse else None
 
     def times(self, h, out):
         """h W_h (B, G*H) into ``out``."""
@@ -385,7 +402,7 @@ class Recurrent:
         T, B, D = x.shape
         Wx, b = self.params["weight_x"], self.params["bias"]
         G = Wx.shape[1]
-        self.steps.load(self.recurrent_weight(train), B, T)
+        self.steps.load(self.recurrent_weight(train), B, T, reuse=not train)
         self.x = x
         ax = self._ax.get(T, B, x.dtype, ax=(0, G))["ax"]
         xp.matmul(x.reshape(T * B, D), Wx, out=ax.reshape(T * B, G))

@@ -333,6 +333,25 @@ def transpose_into(w, out):
                     out[n, k] = w[k, n]
 
 
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def same_bits(a, b):
+    """Whether two 1-D integer arrays, views of two float arrays' bits, are equal: the OR of their XORs, in
+    blocks shared among the threads.  Integers, so that equal means the same bits (a comparison of floats
+    finds a NaN unequal to itself); ``cells.StepProducts`` asks it whether W_h changed."""
+    n = a.shape[0]
+    blocks = (n + 16383) // 16384
+    diffs = np.empty(blocks, a.dtype)
+    for block in prange(blocks):
+        diff = a[0] ^ a[0]
+        for j in range(block * 16384, min(n, block * 16384 + 16384)):
+            diff |= a[j] ^ b[j]
+        diffs[block] = diff
+    for block in range(blocks):
+        if diffs[block] != 0:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------
 # the LSTM's loop over a window, where its step products are matmul_t's (cells.LSTMCell holds the loop)
 # ---------------------------------------------------------------------------
