@@ -227,6 +227,64 @@ class Bench:
         ratio = float(np.median(np.array(limits) / np.array(windows)))
         return self.tokens_per_pass() / (window * self.steps), window, limit, ratio
 
+    def named_layers(self):
+        """(name, layer) in the order a window's forward runs them: the embedding, the dropouts around each
+        recurrent layer (those with a rate), the decoder and the loss (under the adaptive softmax, the
+        adaptive softmax, its own decoder)."""
+        m = self.model
+        cell = self.cfg.model.cell
+        out = [("embedding", m.embedding)]
+        for i, (drop, rnn) in enumerate(zip(m.dropouts, m.rnns)):
+            out += [(f"dropout {i}", drop)] if drop.p > 0 else []
+            out.append((f"{cell} {i}", rnn))
+        out += [(f"dropout {len(m.rnns)}", m.dropouts[-1])] if m.dropouts[-1].p > 0 else []
+        out += [("decoder", m.decoder)] if m.decoder is not None else []
+        return out + [("adaptive softmax" if m.decoder is None else "softmax cross-entropy", m.loss_layer)]
+
+    def layer_times(self, repeats=5):
+        """Where a window's time goes: milliseconds per window of each layer's forward and backward in
+        training, of its forward in evaluation, and of the rest of a training step (the gradient norm,
+        clipping and the update: ``Trainer.train_step``'s time less its layers'), each the median over
+        ``repeats`` passes of ``steps`` windows.  Every call is timed through a wrapper set on the layer
+        object for the passes and removed after them.  Returns {"train": {name: (forward, backward)},
+        "eval": {name: forward}, "train_rest": ms, "train_window": ms, "eval_window": ms}."""
+        spent = {}
+
+        def timed(key, fn):
+            def call(*args, **kwargs):
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+                return out
+            return call
+        objects = [(name, layer, method) for name, layer in self.named_layers() for method in ("forward", "backward")]
+        objects.append(("window", self.trainer, "train_step"))
+        per_pass, wrapped = [], []
+        try:
+            for name, obj, method in objects:
+                setattr(obj, method, timed((name, method), getattr(obj, method)))
+                wrapped.append((obj, method))
+            for kind, run in (("train", self.train_pass), ("eval", self.eval_pass)):
+                run()  # warm-up
+                for _ in range(repeats):
+                    spent.clear()
+                    start = time.perf_counter()
+                    run()
+                    spent[("window", kind)] = time.perf_counter() - start
+                    per_pass.append((kind, {k: 1000 * v / self.steps for k, v in spent.items()}))
+        finally:
+            for obj, method in wrapped:
+                delattr(obj, method)  # the class's method again
+
+        def median(kind, key):
+            return float(np.median([p.get(key, 0.0) for k, p in per_pass if k == kind]))
+        names = [name for name, _ in self.named_layers()]
+        train = {n: (median("train", (n, "forward")), median("train", (n, "backward"))) for n in names}
+        rest = float(np.median([p[("window", "train_step")] - sum(v for (n, m), v in p.items() if n != "window")
+                                for k, p in per_pass if k == "train"]))
+        return {"train": train, "eval": {n: median("eval", (n, "forward")) for n in names}, "train_rest": rest,
+                "train_window": median("train", ("window", "train")), "eval_window": median("eval", ("window", "eval"))}
+
     def eval_tokens_per_s(self, repeats=5):
         self.eval_pass()
         return self.tokens_per_pass() / _median_time(self.eval_pass, repeats, world=self.world)
@@ -274,7 +332,8 @@ class Bench:
         return total(products), total(self.products(backward=False)), flops(products), rows
 
 
-def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
+def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World(), layers=False):
+    """The report `lmtrain bench` prints; ``layers`` adds each layer's share of a window (``layer_times``)."""
     b = Bench(cfg, vocab_size, steps, world)
     train_tps, step_s, limit_s, ratio = b.train_against_limit(repeats)
     eval_tps = b.eval_tokens_per_s(repeats)
@@ -308,6 +367,7 @@ def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World()):
         "generate_ms_per_token": gen_ms,
         "peak_rss_mb": peak_rss_mb(),
         "products": products,
+        **({"layers": b.layer_times(repeats)} if layers else {}),
     }
 
 
@@ -336,4 +396,12 @@ def format_report(r):
     for p in r["products"]:
         m, k, n = p["shape"]
         lines.append(f"  {p['product']:<30} ({m} x {k}) @ ({k} x {n}) x {p['count']:<3} {p['gflop_s']:7.1f} GFLOP/s")
+    if "layers" in r:
+        t = r["layers"]
+        lines += [f"where a window's time goes (ms a window, medians of {r['repeats']} passes):",
+                  f"  {'':<24} {'training':>18} {'evaluation':>12}",
+                  f"  {'':<24} {'forward':>8} {'backward':>9} {'forward':>12}"]
+        lines += [f"  {name:<24} {fwd:>8.2f} {bwd:>9.2f} {t['eval'][name]:>12.2f}" for name, (fwd, bwd) in t["train"].items()]
+        lines += [f"  {'the rest of a step':<24} {t['train_rest']:>18.2f}   (gradient norm, clipping, update)",
+                  f"  {'whole window':<24} {t['train_window']:>18.2f} {t['eval_window']:>12.2f}"]
     return "\n".join(lines)

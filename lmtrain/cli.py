@@ -246,9 +246,10 @@ def prepare(config, overrides, debug):
               help="Timed repeats after warm-up; medians are reported.")
 @click.option("--vocab-size", type=click.IntRange(min=3), default=10000, show_default=True,
               help="Vocabulary of the synthetic token ids.")
+@click.option("--layers", is_flag=True, help="Also time each layer's forward and backward: where a window's time goes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @debug_option
-def bench(config, overrides, steps, repeats, vocab_size, as_json, debug):
+def bench(config, overrides, steps, repeats, vocab_size, layers, as_json, debug):
     """Time training, evaluation and generation of CONFIG's model on this machine (under mpiexec: with
     every rank training its share of the batch, and the Allreduce of the gradients timed too)."""
     world = _start_world()
@@ -256,7 +257,7 @@ def bench(config, overrides, steps, repeats, vocab_size, as_json, debug):
     _set_threads(world, cfg)
     from lmtrain.bench import format_report, run_bench
 
-    report = run_bench(cfg, steps=steps, repeats=repeats, vocab_size=vocab_size, world=world)
+    report = run_bench(cfg, steps=steps, repeats=repeats, vocab_size=vocab_size, world=world, layers=layers)
     if world.is_main:
         click.echo(json.dumps(report) if as_json else format_report(report))
     world.barrier()

@@ -19,7 +19,7 @@ def test_flop_counts_match_the_published_figures():
 
 def test_bench_command_reports_every_figure(tiny_config):
     proc = subprocess.run([sys.executable, "-m", "lmtrain", "bench", str(tiny_config), "--steps", "2",
-                           "--repeats", "1", "--vocab-size", "50", "--json"], capture_output=True, text=True)
+                           "--repeats", "1", "--vocab-size", "50", "--layers", "--json"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     for key in ("train_tokens_per_s", "eval_tokens_per_s", "generate_ms_per_token", "percent_of_limit",
@@ -27,6 +27,32 @@ def test_bench_command_reports_every_figure(tiny_config):
         assert report[key] > 0, key
     assert len(report["products"]) == 9
     assert report["eval_limit_tokens_per_s"] > 0
+    assert list(report["layers"]["eval"]) == ["embedding", "lstm 0", "decoder", "softmax cross-entropy"]
+    text = subprocess.run([sys.executable, "-m", "lmtrain", "bench", str(tiny_config), "--steps", "2", "--repeats", "1",
+                           "--vocab-size", "50", "--layers"], capture_output=True, text=True).stdout
+    assert "where a window's time goes" in text and "the rest of a step" in text and "  lstm 0 " in text
+
+
+def test_layer_times_account_for_the_window_and_leave_the_layers_as_they_were():
+    """``--layers``: every layer of a 2-layer model with dropout in training and evaluation, the rest of
+    the step, and parts that add up to no more than the window; afterwards no layer keeps a wrapper."""
+    from lmtrain.bench import Bench
+    from lmtrain.config import Config
+    cfg = Config()
+    cfg.model.emb_size = cfg.model.hidden_size = 24
+    cfg.model.num_layers, cfg.model.dropout = 2, 0.3
+    cfg.train.batch_size, cfg.train.bptt = 4, 6
+    b = Bench(cfg, vocab_size=60, steps=3)
+    t = b.layer_times(repeats=2)
+    names = ["embedding", "dropout 0", "lstm 0", "dropout 1", "lstm 1", "dropout 2", "decoder", "softmax cross-entropy"]
+    assert list(t["train"]) == names and list(t["eval"]) == names
+    assert all(fwd > 0 and bwd > 0 for name, (fwd, bwd) in t["train"].items() if name != "softmax cross-entropy")
+    assert all(t["eval"][name] > 0 for name in ("embedding", "lstm 0", "lstm 1", "decoder", "softmax cross-entropy"))
+    assert 0 < t["train_rest"] and sum(map(sum, t["train"].values())) + t["train_rest"] <= t["train_window"]
+    assert sum(t["eval"].values()) <= t["eval_window"]
+    for _, layer in b.named_layers():
+        assert "forward" not in vars(layer) and "backward" not in vars(layer)
+    assert "train_step" not in vars(b.trainer)
 
 
 def test_adaptive_products_count_each_cluster_on_its_rows():
