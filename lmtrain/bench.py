@@ -280,7 +280,7 @@ class Bench:
             return float(np.median([p.get(key, 0.0) for k, p in per_pass if k == kind]))
         names = [name for name, _ in self.named_layers()]
         train = {n: (median("train", (n, "forward")), median("train", (n, "backward"))) for n in names}
-        rest = float(np.median([p[("window", "train_step")] - sum(v for (n, m), v in p.items() if n != "window")
+        rest = float(np.median([p[("window", "train_step")] - sum(v for (n, _), v in p.items() if n != "window")
                                 for k, p in per_pass if k == "train"]))
         return {"train": train, "eval": {n: median("eval", (n, "forward")) for n in names}, "train_rest": rest,
                 "train_window": median("train", ("window", "train")), "eval_window": median("eval", ("window", "eval"))}
