@@ -207,11 +207,10 @@ class Bench:
         within seconds; both passes are timed alike, right after each other, so each round's ratio
         compares like with like, and the report takes the medians.
 
-        Returns (tokens/s, seconds per window, limit seconds per window, limit over window), medians over
-        the rounds; ``self.best`` keeps each product shape's fastest time (its best rate)."""
+        Returns (tokens/s, seconds per window, limit seconds per window, limit over window, best), the
+        first four medians over the rounds, ``best`` each product kind's fastest time (its best rate)."""
         self.train_pass()  # warm-up: buffers, BLAS threads
         ways = {kind: fastest_way(*kind[:3], self.model.dtype, steps=kind[3]) for kind in self.product_kinds()}
-        self.best = {kind: seconds for kind, (seconds, _) in ways.items()}
         calls = [(ways[self.kind(name, m, k, n)][1], count) for name, m, k, n, count in self.products()]
 
         def products_pass():
@@ -225,7 +224,8 @@ class Bench:
             limits.append(_median_time(products_pass, 1, world=self.world) / self.steps)
         window, limit = float(np.median(windows)), float(np.median(limits))
         ratio = float(np.median(np.array(limits) / np.array(windows)))
-        return self.tokens_per_pass() / (window * self.steps), window, limit, ratio
+        best = {kind: seconds for kind, (seconds, _) in ways.items()}
+        return self.tokens_per_pass() / (window * self.steps), window, limit, ratio, best
 
     def named_layers(self):
         """(name, layer) in the order a window's forward runs them: the embedding, the dropouts around each
@@ -248,7 +248,7 @@ class Bench:
         ``repeats`` passes of ``steps`` windows.  Every call is timed through a wrapper set on the layer
         object for the passes and removed after them.  Returns {"train": {name: (forward, backward)},
         "eval": {name: forward}, "train_rest": ms, "train_window": ms, "eval_window": ms}."""
-        spent = {}
+        layers, spent = self.named_layers(), {}
 
         def timed(key, fn):
             def call(*args, **kwargs):
@@ -257,7 +257,7 @@ class Bench:
                 spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
                 return out
             return call
-        objects = [(name, layer, method) for name, layer in self.named_layers() for method in ("forward", "backward")]
+        objects = [(name, layer, method) for name, layer in layers for method in ("forward", "backward")]
         objects.append(("window", self.trainer, "train_step"))
         per_pass, wrapped = [], []
         try:
@@ -278,7 +278,7 @@ class Bench:
 
         def median(kind, key):
             return float(np.median([p.get(key, 0.0) for k, p in per_pass if k == kind]))
-        names = [name for name, _ in self.named_layers()]
+        names = [name for name, _ in layers]
         train = {n: (median("train", (n, "forward")), median("train", (n, "backward"))) for n in names}
         rest = float(np.median([p[("window", "train_step")] - sum(v for (n, _), v in p.items() if n != "window")
                                 for k, p in per_pass if k == "train"]))
@@ -335,11 +335,11 @@ class Bench:
 def run_bench(cfg, steps=10, repeats=5, vocab_size=10000, world=World(), layers=False):
     """The report `lmtrain bench` prints; ``layers`` adds each layer's share of a window (``layer_times``)."""
     b = Bench(cfg, vocab_size, steps, world)
-    train_tps, step_s, limit_s, ratio = b.train_against_limit(repeats)
+    train_tps, step_s, limit_s, ratio, best = b.train_against_limit(repeats)
     eval_tps = b.eval_tokens_per_s(repeats)
     allreduce_s = b.allreduce_seconds(repeats)
     gen_ms = b.generate_ms_per_token(repeats=repeats)
-    best_rates_s, eval_limit_s, step_flops, products = b.limit_seconds(b.best)
+    best_rates_s, eval_limit_s, step_flops, products = b.limit_seconds(best)
     t, B = cfg.train, b.local_batch
     return {
         "config": {"emb_size": cfg.model.emb_size, "hidden_size": cfg.model.hidden_size,
