@@ -186,7 +186,7 @@ class Bench:
         state = model.init_state(self.local_batch)
         for k in range(self.steps):
             x, y = get_batch(self.trainer.train_data, k * t.bptt, t.bptt)
-            logits, state = model.forward(xp.asarray(x), state, train=False)
+            logits, state = model.forward(xp.asarray(x), state, train=False, same_weights=k > 0)
             model.loss(logits, xp.asarray(y), grad=False)
 
     def generate_pass(self, tokens=50, seed=0):

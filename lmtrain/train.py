@@ -60,9 +60,9 @@ def evaluate(model, ids, batch_size, bptt=35, world=World()):
     if hi > lo:
         data, weights = data[:, lo:hi], weights[:, lo:hi]
         state = model.init_state(hi - lo)
-        for i in window_starts(data, bptt):
+        for n, i in enumerate(window_starts(data, bptt)):
             x, y = get_batch(data, i, bptt)
-            logits, state = model.forward(xp.asarray(x), state, train=False)
+            logits, state = model.forward(xp.asarray(x), state, train=False, same_weights=n > 0)
             model.loss(logits, xp.asarray(y), xp.asarray(weights[i:i + len(y)]), grad=False)
             total += model.loss_sum
             count += model.loss_count

@@ -201,6 +201,35 @@ def test_evaluation_reuses_the_transposed_weights_only_while_they_are_unchanged(
         fused.transpose_into = transpose
 
 
+def test_evaluation_promised_the_same_weights_keeps_the_transpose_without_comparing(on_path):
+    """``same_weights`` (evaluate()'s windows after its first) skips the comparison, not the layout a
+    window without a copy needs; training ignores the promise."""
+    on_path("numba")
+    rng = np.random.default_rng(13)
+    T, B, H = 6, 4, 21
+    Wx, Wh, b = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in [(H, 4 * H), (H, 4 * H), (4 * H,)])
+    layer = Recurrent(Wx, Wh, b)
+    x = rng.standard_normal((T, B, H)).astype(np.float32)
+    state = tuple(np.zeros((B, H), np.float32) for _ in range(2))
+    calls = []
+    compare, transpose = fused.same_bits, fused.transpose_into
+    try:
+        fused.same_bits = lambda a, c: (calls.append("compare"), compare(a, c))[1]
+        fused.transpose_into = lambda w, out: (calls.append("transpose"), transpose(w, out))
+        first = layer.forward(x, state, train=False, same_weights=True)[0].copy()  # no copy yet: laid out
+        assert calls == ["transpose"]
+        again = layer.forward(x, state, train=False, same_weights=True)[0]
+        assert calls == ["transpose"] and np.array_equal(first, again)
+        layer.forward(x, state, train=False)
+        assert calls == ["transpose", "compare"]
+        layer.forward(x, state, train=True, same_weights=True)
+        assert calls == ["transpose", "compare", "transpose"]
+        layer.forward(x, state, train=False, same_weights=True)  # training dropped its copy
+        assert calls == ["transpose", "compare", "transpose", "transpose"]
+    finally:
+        fused.same_bits, fused.transpose_into = compare, transpose
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_softmax_cross_entropy_agrees_with_numpy(on_path, dtype, weighted):

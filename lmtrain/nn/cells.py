@@ -62,14 +62,16 @@ class StepProducts:
         use = B in cls.ROWS and T >= cls.MIN_STEPS and lmtrain.OPENBLAS_SPINS_SHORT
         return k if k is not None and use else None
 
-    def load(self, Wh, B, T, reuse=False):
+    def load(self, Wh, B, T, reuse=False, same=False):
         """Use ``Wh`` (H, G*H) for the steps of a window of T steps at batch B.
 
         ``reuse`` (evaluation, whose weights stay put from window to window) keeps the transposed copy
         when W_h is, bit for bit, the one it was made from: comparing reads W_h and a copy of it in order,
-        while transposing writes across rows (docs/performance.md).  Training, whose weights move every
-        step, transposes every window and drops the copy, so a later evaluation never reuses a transpose
-        of weights that training has since changed or masked.
+        while transposing writes across rows (docs/performance.md).  ``same`` is the caller's promise that
+        W_h has not changed since the previous ``load`` (an evaluation's windows after its first): the
+        copy is then kept without comparing.  Training, whose weights move every step, transposes every
+        window and drops the copy, so a later evaluation never reuses a transpose of weights that
+        training has since changed or masked.
         """
         self.Wh = Wh
         self.kernel = k = self.kernel_for(B, T)
@@ -82,7 +84,7 @@ class StepProducts:
             bits = Wh.view(f"i{Wh.dtype.itemsize}")  # the same shape, its floats read as integers
             old = self.source
             if (old is not None and old.dtype == bits.dtype and old.shape == bits.shape
-                    and k.same_bits(bits.reshape(-1), old.reshape(-1))):
+                    and (same or k.same_bits(bits.reshape(-1), old.reshape(-1)))):
                 return
         self.wt = row_buffer(self.wt, G, padded_width(H), Wh.dtype, xp.zeros)[:G]
         k.transpose_into(Wh, self.wt[:, :H])
@@ -398,11 +400,13 @@ class Recurrent:
     def _extra(self):
         return {k: self.params[k] for k in self.cell.extra_params}
 
-    def forward(self, x, state, train=False):
+    def forward(self, x, state, train=False, same_weights=False):
+        """``same_weights``: the caller's promise that no weight has changed since this layer's previous
+        evaluation forward (``Model.forward``)."""
         T, B, D = x.shape
         Wx, b = self.params["weight_x"], self.params["bias"]
         G = Wx.shape[1]
-        self.steps.load(self.recurrent_weight(train), B, T, reuse=not train)
+        self.steps.load(self.recurrent_weight(train), B, T, reuse=not train, same=same_weights and not train)
         self.x = x
         ax = self._ax.get(T, B, x.dtype, ax=(0, G))["ax"]
         xp.matmul(x.reshape(T * B, D), Wx, out=ax.reshape(T * B, G))

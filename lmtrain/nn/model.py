@@ -232,17 +232,19 @@ class LanguageModel:
         self.ar, self.tar = float(ar), float(tar)
 
     # -- computation --------------------------------------------------------
-    def forward(self, ids, state, train=False):
+    def forward(self, ids, state, train=False, same_weights=False):
         """ids (T, B) -> logits (T*B, V) and the state after the window.
 
         Under the adaptive softmax the first result is the decoder's input (T*B, H) instead: what
-        ``loss`` and ``scores`` read.
+        ``loss`` and ``scores`` read.  ``same_weights`` (evaluation's windows after its first) promises
+        that no weight has changed since the previous evaluation forward, so the recurrent layers keep
+        the W_h^T they laid out for it without checking it against W_h.
         """
         x = self.embedding.forward(ids, train)
         x = self.dropouts[0].forward(x, train)
         new_state = []
         for rnn, drop, s in zip(self.rnns, self.dropouts[1:], state):
-            h, s = rnn.forward(x, s, train)
+            h, s = rnn.forward(x, s, train, same_weights)
             x = drop.forward(h, train)
             new_state.append(s)
         self.h_last, self.h_drop = h, x
