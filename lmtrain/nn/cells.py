@@ -68,10 +68,10 @@ class StepProducts:
         ``reuse`` (evaluation, whose weights stay put from window to window) keeps the transposed copy
         when W_h is, bit for bit, the one it was made from: comparing reads W_h and a copy of it in order,
         while transposing writes across rows (docs/performance.md).  ``same`` is the caller's promise that
-        W_h has not changed since the previous ``load`` (an evaluation's windows after its first): the
-        copy is then kept without comparing.  Training, whose weights move every step, transposes every
-        window and drops the copy, so a later evaluation never reuses a transpose of weights that
-        training has since changed or masked.
+        W_h has not changed since the previous ``load`` (an evaluation's windows after its first): where
+        ``reuse`` allows it, the copy is then kept without comparing.  Training, whose weights move every
+        step, transposes every window and drops the copy, so a later evaluation never reuses a transpose
+        of weights that training has since changed or masked.
         """
         self.Wh = Wh
         self.kernel = k = self.kernel_for(B, T)
@@ -406,7 +406,7 @@ class Recurrent:
         T, B, D = x.shape
         Wx, b = self.params["weight_x"], self.params["bias"]
         G = Wx.shape[1]
-        self.steps.load(self.recurrent_weight(train), B, T, reuse=not train, same=same_weights and not train)
+        self.steps.load(self.recurrent_weight(train), B, T, reuse=not train, same=same_weights)
         self.x = x
         ax = self._ax.get(T, B, x.dtype, ax=(0, G))["ax"]
         xp.matmul(x.reshape(T * B, D), Wx, out=ax.reshape(T * B, G))
