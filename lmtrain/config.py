@@ -139,6 +139,9 @@ class TrainConfig:
     beta2: float = option(0.999, "adam: decay of the second moment", min=0.0, max=1.0)
     eps: float = option(1e-8, "adam: denominator guard", min=0.0, min_exclusive=True)
     weight_decay: float = option(0.0, "L2 penalty added to the gradient (adamw: decoupled decay)", min=0.0)
+    average_from: typing.Optional[int] = option(None, "sgd, ntasgd: from the end of this epoch on, also keep the "
+                                                "running mean of the weights after every step; evaluation and "
+                                                "checkpoints use it (averaged SGD; null: never)", min=1)
     nonmono: int = option(5, "ntasgd: switch to averaging when validation loss is worse than the best of all but "
                           "the last nonmono checks", min=1)
     clip_grad_norm: typing.Optional[float] = option(0.25, "clip the global gradient L2 norm to this (null: off)",
@@ -355,6 +358,9 @@ def validate(cfg, source=""):
             f"(the decoder reads the last layer's {last} units), got {m.emb_size} and {last}")
     if t.optimizer == "ntasgd" and t.momentum:
         raise ConfigError(f"{source}train.optimizer ntasgd averages plain SGD steps; set train.momentum to 0")
+    if t.average_from is not None and (t.optimizer not in ("sgd", "ntasgd") or t.momentum):
+        raise ConfigError(f"{source}train.average_from averages plain SGD steps; it needs train.optimizer sgd "
+                          f"or ntasgd and train.momentum 0")
     if d.source == "text":
         missing = [k for k in ("train", "valid", "test") if getattr(d, k) is None]
         if missing:

@@ -31,9 +31,10 @@ class Optimizer:
         """Inside: the parameters are the ones evaluation and checkpoints should use."""
         yield
 
-    def observe_validation(self, loss):
-        """Called after each validation; returns True when the optimizer changed its regime."""
-        return False
+    def observe_validation(self, loss, epochs_done):
+        """Called after each validation (``epochs_done``: whole epochs trained by then); returns why the
+        optimizer changed its regime, or None."""
+        return None
 
 
 class SGD(Optimizer):
@@ -86,18 +87,20 @@ class SGD(Optimizer):
                 v[...] = state["arrays"][f"velocity.{k}"]
 
 
-class NTASGD(SGD):
-    """Non-monotonically triggered averaged SGD (Merity et al. 2017).
+class AveragedSGD(SGD):
+    """Plain SGD that switches to averaged SGD (Polyak and Juditsky 1992): from the switch on it also
+    keeps the running mean of the parameters after every step, and evaluation and checkpoints use
+    that mean.  The SGD steps themselves are the same as without it.
 
-    Plain SGD until a validation loss is worse than the best of all checks
-    but the last ``nonmono``; from then on it also keeps the running mean of
-    the parameters after every step, and evaluation and checkpoints use that
-    mean.
+    The switch comes when a validation loss is worse than the best of all checks but the last
+    ``nonmono`` (non-monotonically triggered, NT-ASGD: Merity et al. 2017), or at the end of epoch
+    ``average_from``, whichever is first; either may be None (never).
     """
 
-    def __init__(self, store, nonmono=5, weight_decay=0.0):
+    def __init__(self, store, nonmono=5, average_from=None, weight_decay=0.0):
         super().__init__(store, momentum=0.0, weight_decay=weight_decay)
         self.nonmono = nonmono
+        self.average_from = average_from
         self.history = []
         self.averaging = False
         self.avg = None
@@ -116,15 +119,20 @@ class NTASGD(SGD):
                 avg[a:b] += g[a:b]
             parallel_rows(average, p.size, 1)
 
-    def observe_validation(self, loss):
-        switch = (not self.averaging and len(self.history) > self.nonmono
-                  and loss > min(self.history[:-self.nonmono]))
+    def observe_validation(self, loss, epochs_done):
+        reason = None
+        if not self.averaging:
+            if (self.nonmono is not None and len(self.history) > self.nonmono
+                    and loss > min(self.history[:-self.nonmono])):
+                reason = "validation stopped improving"
+            elif self.average_from is not None and epochs_done >= self.average_from:
+                reason = f"epoch {epochs_done} ended"
         self.history.append(loss)
-        if switch:
+        if reason:
             self.averaging = True
             self.avg = self.store.data.copy()
             self.n_avg = 1
-        return switch
+        return reason
 
     @contextlib.contextmanager
     def averaged(self):
@@ -227,10 +235,12 @@ class Adam(Optimizer):
 
 def make_optimizer(train_cfg, store):
     t = train_cfg
-    if t.optimizer == "sgd":
+    average_from = t.average_from if t.average_from is not None and t.average_from < t.epochs else None
+    if t.optimizer == "sgd" and average_from is None:
         return SGD(store, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "ntasgd":
-        return NTASGD(store, nonmono=t.nonmono, weight_decay=t.weight_decay)
+    if t.optimizer in ("sgd", "ntasgd"):
+        return AveragedSGD(store, nonmono=t.nonmono if t.optimizer == "ntasgd" else None,
+                           average_from=average_from, weight_decay=t.weight_decay)
     return Adam(store, beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
                 decoupled=t.optimizer == "adamw")
 

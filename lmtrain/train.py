@@ -205,7 +205,7 @@ class Trainer:
             "rank_dropout_rng": dropout_rngs[1:],
         }
         path = os.path.join(self.ckpt_dir, name)
-        with self.optimizer.averaged():  # NT-ASGD: the file's weights are the averaged ones
+        with self.optimizer.averaged():  # averaged SGD: the file's weights are the averaged ones
             save_checkpoint(path, self.model.params, meta, {"optim": opt["arrays"], "state": state})
         self.last_save = time.perf_counter()
         return path
@@ -473,14 +473,15 @@ class Trainer:
         lr = self.schedule.at(p.step, self.progress())
         self.log("valid", split="valid", loss=v_loss, ppl=valid_ppl, lr=lr,
                  tokens_per_s=v_count / max(now - eval_start, 1e-9), tokens=v_count, train_ppl=train_ppl)
-        if self.optimizer.observe_validation(v_loss):
-            self.log("switch_to_averaging", lr=lr)
-            self.say(f"validation stopped improving: averaging the weights from step {p.step} on (NT-ASGD)")
         improved = valid_ppl < p.best_valid_ppl
         p.best_valid_ppl = min(p.best_valid_ppl, valid_ppl)
         self.valid_ppl = valid_ppl
         self.say(f"epoch {p.epoch}: train ppl {train_ppl or math.nan:.2f} | valid ppl {valid_ppl:.2f}"
                  f"{' (best)' if improved else ''} | lr {lr:.4g} | {self.budget.elapsed():.0f}s")
+        reason = self.optimizer.observe_validation(v_loss, p.epoch if complete else p.epoch - 1)
+        if reason:
+            self.log("switch_to_averaging", lr=lr, reason=reason)
+            self.say(f"{reason}: averaging the weights from step {p.step} on")
         if complete:
             self.schedule.epoch_end(p.epoch, valid_ppl)
             p.epoch += 1
@@ -559,6 +560,9 @@ def fit(cfg, run_dir, overwrite=False, resume=None, quiet=False, echo=print, res
     say(corpus.describe())
     say(f"model: {trainer.model.num_params():,} parameters; run directory {run_dir}; "
         f"element-wise kernels: {kernels_in_use()}")
+    if cfg.train.average_from is not None and cfg.train.average_from >= cfg.train.epochs:
+        say(f"note: train.average_from {cfg.train.average_from} is not below train.epochs {cfg.train.epochs}: "
+            f"this run evaluates its last weights, not an average")
     if ckpt is None:
         trainer.save("last.npz")  # a run is resumable from its first step
     else:

@@ -10,7 +10,7 @@ from lmtrain.config import ModelConfig, from_dict, load_config
 from lmtrain.nn.cells import Recurrent
 from lmtrain.nn.layers import Dropout, Embedding
 from lmtrain.nn.model import LanguageModel
-from lmtrain.optim import NTASGD, Adam, LRSchedule
+from lmtrain.optim import Adam, AveragedSGD, LRSchedule
 from lmtrain.train import fit
 from tests.gradcheck import numerical_grad, rel_error
 from tests.test_train import store_of
@@ -106,12 +106,12 @@ def test_ar_and_tar_values():
 
 def test_ntasgd_switches_at_the_documented_condition_and_averages():
     store = store_of(w=[0.0])
-    opt = NTASGD(store, nonmono=2)
+    opt = AveragedSGD(store, nonmono=2)
     # switch when the loss is worse than the best of all checks but the last `nonmono`
     # 3.5 is not worse than min([5.0]) and 3.2 not worse than min([5.0, 4.0]): no switch yet
-    assert [opt.observe_validation(v) for v in [5.0, 4.0, 3.0, 3.5, 3.2]] == [False] * 5
+    assert [opt.observe_validation(v, e) for e, v in enumerate([5.0, 4.0, 3.0, 3.5, 3.2], 1)] == [None] * 5
     assert not opt.averaging
-    assert opt.observe_validation(4.5)  # worse than min([5.0, 4.0, 3.0]) = 3.0
+    assert opt.observe_validation(4.5, 6) == "validation stopped improving"  # worse than min([5.0, 4.0, 3.0])
     assert opt.averaging
     for target in [1.0, 2.0, 3.0]:  # steps that move w to 1, 2, 3
         store.grads["w"][...] = store.params["w"] - target
@@ -135,6 +135,67 @@ def test_ntasgd_run_evaluates_and_saves_the_averaged_weights(tmp_path, tiny_conf
     assert last.meta["optimizer"]["averaging"]
     raw = last.group("optim")
     assert any(not np.array_equal(last.params[k], raw[f"raw.{k}"]) for k in last.params)
+
+
+def test_averaging_from_an_epoch_keeps_the_sgd_steps_and_evaluates_their_mean(tmp_path, tiny_config):
+    opt = AveragedSGD(store_of(w=[0.0]), nonmono=None, average_from=2)
+    assert opt.observe_validation(5.0, 1) is None
+    assert opt.observe_validation(9.0, 2) == "epoch 2 ended" and opt.averaging  # by epoch, whatever the loss
+
+    runs = {}
+    for name, extra in [("plain", []), ("averaged", ["train.average_from=1"])]:
+        cfg = load_config(tiny_config, ["train.optimizer=sgd", "train.lr=2", "train.epochs=3"] + extra)
+        fit(cfg, str(tmp_path / name), quiet=True)
+        events = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+        runs[name] = ([e["ppl"] for e in events if e["event"] == "valid"],
+                      [e for e in events if e["event"] == "switch_to_averaging"])
+    from lmtrain.checkpoint import load_checkpoint
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.npz")
+    averaged = load_checkpoint(tmp_path / "averaged" / "checkpoints" / "last.npz")
+    (plain_valid, none), (avg_valid, switches) = runs["plain"], runs["averaged"]
+    assert none == [] and [(e["epoch"], e["reason"]) for e in switches] == [(1, "epoch 1 ended")]
+    assert avg_valid[0] == plain_valid[0] and avg_valid[1:] != plain_valid[1:]  # the mean is evaluated
+    raw = averaged.group("optim")
+    for k in plain.params:  # the SGD steps are the plain run's to the bit; the checkpoint holds their mean
+        np.testing.assert_array_equal(raw[f"raw.{k}"], plain.params[k])
+    assert any(not np.array_equal(averaged.params[k], plain.params[k]) for k in plain.params)
+
+
+@pytest.mark.parametrize("stop_at", [0.5, 1.5])  # inside the epoch before the switch, and after it
+def test_a_run_resumed_while_averaging_ends_with_the_same_weights(tmp_path, tiny_config, stop_at):
+    """The checkpoint holds the mean; the raw weights, the mean's count and the switch travel beside it.  A
+    run stopped inside the epoch that ends in the switch has not switched yet."""
+    from lmtrain.checkpoint import load_checkpoint
+    sets = ["train.optimizer=sgd", "train.lr=2", "train.epochs=3", "train.average_from=1"]
+
+    def events(run):
+        return [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl")]
+    fit(load_config(tiny_config, sets), str(tmp_path / "whole"), quiet=True)
+    per_epoch = next(e["step"] for e in events("whole") if e["event"] == "switch_to_averaging")
+    fit(load_config(tiny_config, sets + [f"train.max_steps={int(per_epoch * stop_at)}"]), str(tmp_path / "part"),
+        quiet=True)
+    fit(load_config(tiny_config, sets), str(tmp_path / "part"), resume="last", quiet=True)
+    whole, part = (load_checkpoint(tmp_path / run / "checkpoints" / "last.npz") for run in ("whole", "part"))
+    for k in whole.params:
+        np.testing.assert_array_equal(part.params[k], whole.params[k])
+    assert [e["ppl"] for e in events("part") if e["event"] == "test"] == \
+        [e["ppl"] for e in events("whole") if e["event"] == "test"]
+
+
+@pytest.mark.parametrize("extra", [["train.optimizer=adam"], ["train.optimizer=sgd", "train.momentum=0.9"]])
+def test_average_from_refuses_what_it_cannot_average(tiny_config, extra):
+    from lmtrain.errors import ConfigError
+    with pytest.raises(ConfigError, match="needs train.optimizer sgd or ntasgd and train.momentum 0"):
+        load_config(tiny_config, ["train.average_from=1"] + extra)
+
+
+def test_a_run_too_short_to_average_says_so(tmp_path, tiny_config):
+    cfg = load_config(tiny_config, ["train.optimizer=sgd", "train.lr=2", "train.average_from=2"])  # 2 epochs
+    said = []
+    fit(cfg, str(tmp_path / "run"), echo=said.append)
+    assert any("train.average_from 2 is not below train.epochs 2" in line for line in said)
+    events = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert not any(e["event"] == "switch_to_averaging" for e in events)
 
 
 def test_adamw_decays_outside_the_adaptive_step():
