@@ -72,8 +72,10 @@ def ptb_run(ptb, tmp_path, preset):
 
 
 @pytest.mark.slow
-def test_ptb_dlfs2_matches_the_book(ptb, tmp_path):
-    assert ptb_run(ptb, tmp_path, "ptb-dlfs2") <= 136.0
+def test_ptb_dlfs2_beats_the_book(ptb, tmp_path):
+    """The book's code gives 136.2; the preset trains as it does and evaluates the fourth epoch's mean weights,
+    which ended at 114.8-117.8 over seeds 0-9 on both paths (README): 120 is about three standard deviations out."""
+    assert ptb_run(ptb, tmp_path, "ptb-dlfs2") <= 120.0
 
 
 @pytest.mark.slow
