@@ -233,9 +233,15 @@ class Adam(Optimizer):
         self.t = int(state["scalars"]["t"])
 
 
+def averaging_start(train_cfg):
+    """``train.average_from`` where the run has an epoch after it to average, else None."""
+    t = train_cfg
+    return t.average_from if t.average_from is not None and t.average_from < t.epochs else None
+
+
 def make_optimizer(train_cfg, store):
     t = train_cfg
-    average_from = t.average_from if t.average_from is not None and t.average_from < t.epochs else None
+    average_from = averaging_start(t)
     if t.optimizer == "sgd" and average_from is None:
         return SGD(store, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer in ("sgd", "ntasgd"):

@@ -36,7 +36,7 @@ from lmtrain.data.vocab import Vocab
 from lmtrain.errors import LmtrainError
 from lmtrain.nn.adaptive import check_cutoffs
 from lmtrain.nn.model import LanguageModel
-from lmtrain.optim import LRSchedule, clip_scale, grad_norm, make_optimizer
+from lmtrain.optim import LRSchedule, averaging_start, clip_scale, grad_norm, make_optimizer
 from lmtrain.run_dir import MetricsLog, config_changes, prepare_run_dir, write_run_files
 from lmtrain.time_budget import TimeBudget
 from lmtrain.world import CollectiveError, World
@@ -560,7 +560,7 @@ def fit(cfg, run_dir, overwrite=False, resume=None, quiet=False, echo=print, res
     say(corpus.describe())
     say(f"model: {trainer.model.num_params():,} parameters; run directory {run_dir}; "
         f"element-wise kernels: {kernels_in_use()}")
-    if cfg.train.average_from is not None and cfg.train.average_from >= cfg.train.epochs:
+    if cfg.train.average_from is not None and averaging_start(cfg.train) is None:
         say(f"note: train.average_from {cfg.train.average_from} is not below train.epochs {cfg.train.epochs}: "
             f"this run evaluates its last weights, not an average")
     if ckpt is None:
