@@ -10,8 +10,9 @@ drift on a shared machine hits both alike, with a pause between turns so that
 one library's idle threads (OpenBLAS's and OpenMP's spin for a while after
 their last call) do not take a core from the other's turn, and one untimed
 pass after the pause, so that the timed pass finds its threads awake, as a
-long run does; each figure is a median, and only the ratios are meant to be
-compared.  torch is an optional extra:
+long run does.  Each rate is the median of a library's turns; each speedup is
+the median of the pairs' ratios (a turn of lmtrain and the PyTorch turn right
+after it), and only the speedups are meant to be compared.  torch is an optional extra:
 `pip install -e '.[bench]'` (on the project's machines `pip install torch==2.13.0`
 takes the CPU build from local disk).
 """
@@ -142,11 +143,14 @@ def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5, torch_on
             if not torch_only:
                 a.append(turn(mine, pause))
             b.append(turn(other, pause))
+        # The speedup is the median of each pair's ratio, not the ratio of the medians: this machine runs
+        # a quarter slower for seconds at a time, and a pair's two turns, a second apart, share that phase.
+        ratios = [round(float(r), 3) for r in np.divide(b, a)] if a else None
         a, b = (float(np.median(a)) if a else None), float(np.median(b))
         unit, figure = (("ms_per_token", lambda s: 1000 * s / gen_tokens) if name == "generate" else
                         ("tokens_per_s", lambda s: tokens / s))
         result[name] = {f"lmtrain_{unit}": None if a is None else figure(a), f"torch_{unit}": figure(b),
-                        "speedup": None if a is None else b / a}
+                        "speedup": float(np.median(ratios)) if ratios else None, "pair_speedups": ratios}
     return result
 
 
@@ -178,7 +182,7 @@ def main():
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; numpy {np.__version__}, "
           f"element-wise kernels: {kernels_in_use()}; medians of {args.repeats} {'repeats of PyTorch alone' if args.torch_only else 'alternating repeats'} "
-          f"of {args.steps} windows")
+          f"of {args.steps} windows; lmtrain/PyTorch is the median of the repeats' own ratios")
     print(f"{'config':<34} {'':<9} {'lmtrain':>12} {'PyTorch':>12} {'lmtrain/PyTorch':>16}")
     for r in results:
         for name in ("train", "eval"):
