@@ -278,10 +278,15 @@ def by_ppl(row):
 
 def beyond_edge(values, x, axis):
     """The next value of a sorted grid axis past ``x`` when ``x`` is its first or last value (one step of
-    the ratio of the two outer values), else None.  An axis of one value is fixed; λ stays below 1."""
+    the ratio of the two outer values; 3, the default grids' step, where the inner one is 0, as a decay
+    of 0 is), else None.  An axis of one value is fixed; λ stays below 1."""
     if len(values) < 2 or values[0] < x < values[-1]:
         return None
-    nxt = float(f"{x * (values[-1] / values[-2] if x == values[-1] else values[0] / values[1]):.6g}")
+    if x == values[-1]:
+        nxt = x * (values[-1] / values[-2] if values[-2] > 0 else 3.0)
+    else:
+        nxt = x * values[0] / values[1]
+    nxt = float(f"{nxt:.6g}")
     if axis == "window":
         nxt = max(1, round(nxt))
     elif axis == "lam" and nxt >= 1.0:
@@ -289,11 +294,29 @@ def beyond_edge(values, x, axis):
     return None if nxt in values else nxt
 
 
+def grow_at_edges(best, axes, extend, try_setting):
+    """While the best setting so far (``best()``) lies on an edge of one of ``axes`` ({name: sorted values
+    tried}), try one step past it along that axis, the other settings where they are
+    (``try_setting(setting, axis)``), at most ``extend`` steps an axis: a grid too narrow for the model
+    cannot hand back its own boundary."""
+    grown = dict.fromkeys(axes, 0)
+    while True:
+        b = best()
+        for axis in axes:
+            value = beyond_edge(axes[axis], b[axis], axis) if grown[axis] < extend else None
+            if value is not None:
+                break
+        else:
+            return
+        axes[axis] = sorted(axes[axis] + [value])
+        grown[axis] += 1
+        try_setting({**b, axis: value}, axis)
+
+
 def tune_cache(model, ids, window, grid=CACHE_GRID, extend=4, progress=True):
     """Every (window, theta, lambda) of ``grid`` on ``ids``: one model pass, then each cache replayed over
-    its stored outputs.  While the best setting lies on an edge of an axis, that axis grows one step past
-    it (up to ``extend`` times each), so a grid too narrow for the model cannot hand back its own boundary.
-    Returns (rows sorted best first, base perplexity)."""
+    its stored outputs, and past a winning edge (``grow_at_edges``).  Returns (rows sorted best first, base
+    perplexity)."""
     total, count, _, (h, targets, logp) = score_stream(model, ids, window, collect=True, progress=progress,
                                                        desc="validation pass")
     rows = {}
@@ -311,26 +334,17 @@ def tune_cache(model, ids, window, grid=CACHE_GRID, extend=4, progress=True):
     settings = [(n, th) for n in axes["window"] for th in axes["theta"]]
     for n, theta in tqdm(settings, desc="cache settings", disable=not progress, leave=False):
         replay(n, theta, axes["lam"])
-    grown = dict.fromkeys(axes, 0)
-    while True:
-        best = min(rows.values(), key=by_ppl)
-        for axis in axes:
-            value = beyond_edge(axes[axis], best[axis], axis) if grown[axis] < extend else None
-            if value is not None:
-                break
-        else:
-            return sorted(rows.values(), key=by_ppl), perplexity(total / count)
-        axes[axis] = sorted(axes[axis] + [value])
-        grown[axis] += 1
-        trial = {**best, axis: value}  # one step along that axis from the best, the others where they were
-        replay(trial["window"], trial["theta"], [value] if axis == "lam" else axes["lam"])
+    grow_at_edges(lambda: min(rows.values(), key=by_ppl), axes, extend,
+                  lambda s, axis: replay(s["window"], s["theta"], [s["lam"]] if axis == "lam" else axes["lam"]))
+    return sorted(rows.values(), key=by_ppl), perplexity(total / count)
 
 
-def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine=DYN_REFINE, progress=True):
+def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine=DYN_REFINE, extend=4,
+                 progress=True):
     """A coordinate search: every learning rate at the middle decay, every decay at the best rate, then
     the best rate times each factor of ``refine`` at the best decay, and last the best decay times each
-    factor at the best rate so far (the decays, too, are ~3x apart).  Returns (rows sorted best first,
-    base perplexity)."""
+    factor at the best rate so far (the decays, too, are ~3x apart); then past a winning edge of the rates
+    or decays tried (``grow_at_edges``).  Returns (rows sorted best first, base perplexity)."""
     def trial(lr, decay):
         total, count, _, _ = score_stream(model, ids, segment, dynamic=DynamicEval(model, ms, lr, decay),
                                           progress=progress, desc=f"dynamic lr {lr:g} decay {decay:g}")
@@ -346,4 +360,7 @@ def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine
     best = min(rows, key=by_ppl)
     if best["decay"] > 0:
         rows += [trial(best["lr"], best["decay"] * f) for f in refine]
+    axes = {axis: sorted({r[axis] for r in rows}) for axis in ("lr", "decay")}
+    grow_at_edges(lambda: min(rows, key=by_ppl), axes, extend,
+                  lambda s, axis: rows.append(trial(s["lr"], s["decay"])))
     return sorted(rows, key=by_ppl), perplexity(total / count)

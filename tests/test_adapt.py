@@ -107,6 +107,8 @@ def test_a_grid_edge_grows_by_the_ratio_of_its_outer_values():
     assert adapt.beyond_edge([100, 500, 2000], 2000, "window") == 8000
     assert adapt.beyond_edge([0.3, 0.6], 0.6, "lam") == pytest.approx(0.8)  # 1.2 would leave no model
     assert adapt.beyond_edge([0.5], 0.5, "theta") is None  # one value: the axis is fixed
+    assert adapt.beyond_edge([0.0, 0.01], 0.01, "decay") == pytest.approx(0.03)  # no ratio to 0: the grids' 3x
+    assert adapt.beyond_edge([0.0, 0.01], 0.0, "decay") is None  # nothing below no decay
 
 
 def test_cache_tuner_grows_the_grid_past_a_winning_edge(run):
@@ -125,6 +127,23 @@ def test_cache_tuner_grows_the_grid_past_a_winning_edge(run):
     for row in rows[:3]:
         r = adapt.run(model, corpus.valid, 10, cache_settings=row, progress=False)
         assert r["cache"]["ppl"] == pytest.approx(row["ppl"], rel=1e-10)
+
+
+def test_dynamic_tuner_grows_past_a_winning_edge(run):
+    """As the cache's: two rates, so the best is on an edge and the rates must grow until the best lies
+    inside those tried, or they have grown ``extend`` times; a decay of 0 is an edge with nothing below."""
+    _, model, corpus = run
+    extend = 3
+    ms = np.random.default_rng(1).uniform(0.5, 2.0, model.store.data.shape)
+    rows, _ = adapt.tune_dynamic(model, corpus.valid[:300], 5, ms, lrs=(1e-4, 3e-4), decays=(0.0, 0.01),
+                                 refine=(), extend=extend, progress=False)
+    best = rows[0]
+    lrs, decays = sorted({r["lr"] for r in rows}), sorted({r["decay"] for r in rows})
+    assert len(lrs) > 2
+    assert lrs[0] < best["lr"] < lrs[-1] or len(lrs) == 2 + extend
+    assert decays[0] < best["decay"] < decays[-1] or best["decay"] == 0.0 or len(decays) == 2 + extend
+    r = adapt.run(model, corpus.valid[:300], 5, dyn_settings=best, ms=ms, progress=False)
+    assert r["dynamic"]["ppl"] == pytest.approx(best["ppl"], rel=1e-10)
 
 
 @both_heads
@@ -158,7 +177,7 @@ def test_a_diverging_setting_ranks_last(run):
     ms = np.full(model.store.data.shape, 1e-12)
     with np.errstate(all="ignore"):
         rows, _ = adapt.tune_dynamic(model, corpus.valid[:300], 5, ms, lrs=(np.inf, 1e-4), decays=(0.0, 0.01),
-                                     progress=False)
+                                     extend=0, progress=False)
     assert rows[-1]["lr"] == np.inf and np.isnan(rows[-1]["ppl"])
     assert np.isfinite(rows[0]["ppl"]) and rows[0]["lr"] in (1e-4, 5e-5, 2e-4)
     # the coordinate search (2 rates, then the other decay at the best rate), then half and twice the best
