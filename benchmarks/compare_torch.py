@@ -12,9 +12,9 @@ their last call) do not take a core from the other's turn, and one untimed
 pass after the pause, so that the timed pass finds its threads awake, as a
 long run does.  Each rate is the median of a library's turns; each speedup is
 the median of the pairs' ratios (a turn of lmtrain and the PyTorch turn right
-after it), and only the speedups are meant to be compared.  torch is an optional extra:
-`pip install -e '.[bench]'` (on the project's machines `pip install torch==2.13.0`
-takes the CPU build from local disk).
+after it), and only the speedups are meant to be compared.  torch is an
+optional extra: `pip install -e '.[bench]'` (on the project's machines
+`pip install torch==2.13.0` takes the CPU build from local disk).
 """
 import argparse
 import json
