@@ -11,8 +11,11 @@ one library's idle threads (OpenBLAS's and OpenMP's spin for a while after
 their last call) do not take a core from the other's turn, and one untimed
 pass after the pause, so that the timed pass finds its threads awake, as a
 long run does.  Each rate is the median of a library's turns; each speedup is
-the median of the pairs' ratios (a turn of lmtrain and the PyTorch turn right
-after it), and only the speedups are meant to be compared.  torch is an
+the median of the pairs' ratios (a repeat's turn of lmtrain and its turn of
+PyTorch, one right after the other; lmtrain goes first in every other repeat
+and PyTorch in the rest, so that what one library leaves behind, in the
+caches or in its threads, falls on both alike), and only the speedups are
+meant to be compared.  torch is an
 optional extra: `pip install -e '.[bench]'` (on the project's machines
 `pip install torch==2.13.0` takes the CPU build from local disk).
 """
@@ -139,10 +142,10 @@ def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5, torch_on
             mine()  # warm-up
         other()
         a, b = [], []
-        for _ in range(repeats):  # alternate, so drift hits both
-            if not torch_only:
-                a.append(turn(mine, pause))
-            b.append(turn(other, pause))
+        for i in range(repeats):  # alternate, so drift hits both; who goes first alternates too
+            for fn, times in ((mine, a), (other, b))[::1 if i % 2 == 0 else -1]:
+                if fn is other or not torch_only:
+                    times.append(turn(fn, pause))
         # The speedup is the median of each pair's ratio, not the ratio of the medians: this machine runs
         # a quarter slower for seconds at a time, and a pair's two turns, a second apart, share that phase.
         ratios = [round(float(r), 3) for r in np.divide(b, a)] if a else None
