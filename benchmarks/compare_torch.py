@@ -15,9 +15,9 @@ the median of the pairs' ratios (a repeat's turn of lmtrain and its turn of
 PyTorch, one right after the other; lmtrain goes first in every other repeat
 and PyTorch in the rest, so that what one library leaves behind, in the
 caches or in its threads, falls on both alike), and only the speedups are
-meant to be compared.  torch is an
-optional extra: `pip install -e '.[bench]'` (on the project's machines
-`pip install torch==2.13.0` takes the CPU build from local disk).
+meant to be compared.  torch is an optional extra: `pip install -e '.[bench]'`
+(on the project's machines `pip install torch==2.13.0` takes the CPU build
+from local disk).
 """
 import argparse
 import json
@@ -142,18 +142,19 @@ def compare(path, steps, repeats, vocab_size, gen_tokens=50, pause=0.5, torch_on
             mine()  # warm-up
         other()
         a, b = [], []
+        turns = [(other, b)] if torch_only else [(mine, a), (other, b)]
         for i in range(repeats):  # alternate, so drift hits both; who goes first alternates too
-            for fn, times in ((mine, a), (other, b))[::1 if i % 2 == 0 else -1]:
-                if fn is other or not torch_only:
-                    times.append(turn(fn, pause))
+            for fn, times in (turns if i % 2 == 0 else turns[::-1]):
+                times.append(turn(fn, pause))
         # The speedup is the median of each pair's ratio, not the ratio of the medians: this machine runs
         # a quarter slower for seconds at a time, and a pair's two turns, a second apart, share that phase.
-        ratios = [round(float(r), 3) for r in np.divide(b, a)] if a else None
+        ratios = np.divide(b, a) if a else None
         a, b = (float(np.median(a)) if a else None), float(np.median(b))
         unit, figure = (("ms_per_token", lambda s: 1000 * s / gen_tokens) if name == "generate" else
                         ("tokens_per_s", lambda s: tokens / s))
         result[name] = {f"lmtrain_{unit}": None if a is None else figure(a), f"torch_{unit}": figure(b),
-                        "speedup": float(np.median(ratios)) if ratios else None, "pair_speedups": ratios}
+                        "speedup": None if ratios is None else float(np.median(ratios)),
+                        "pair_speedups": None if ratios is None else [round(float(r), 3) for r in ratios]}
     return result
 
 
