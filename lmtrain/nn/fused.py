@@ -24,11 +24,13 @@ Three details make the loops fast (docs/performance.md has the measurements):
 - No fast-math: the kernels keep IEEE semantics and the order of their
   sums (see ``kernel`` below), so a NaN still reaches the loss, where
   training's non-finite-step guard sees it, and results repeat to the bit.
-  The one exception is the time step's product with W_h (``matmul_t``),
-  a matrix product like BLAS's, whose sums may be reordered.  ``tanh32``
-  and ``exp32`` may fuse a multiply and an add into one instruction (FMA,
-  rounded once): that reorders nothing and makes them faster and more
-  accurate.
+  The exceptions are narrow: the time step's product with W_h
+  (``matmul_t``), a matrix product like BLAS's, whose sums may be
+  reordered; the softmax's row sum (``row_sum``), reordered so that it
+  vectorises, in one compiled order that every kernel shares; and the row
+  maximum (``row_max``), exact in any order.  ``tanh32`` and ``exp32`` may
+  fuse a multiply and an add into one instruction (FMA, rounded once): that
+  reorders nothing and makes them faster and more accurate.
 - Simple loops: a loop touching many arrays stays scalar (see the forward
   kernels), so a step is a few loops over one row each.
 
