@@ -235,8 +235,8 @@ class Adam(Optimizer):
 
 def averaging_start(train_cfg):
     """``train.average_from`` where the run has an epoch after it to average, else None."""
-    t = train_cfg
-    return t.average_from if t.average_from is not None and t.average_from < t.epochs else None
+    start = train_cfg.average_from
+    return start if start is not None and start < train_cfg.epochs else None
 
 
 def make_optimizer(train_cfg, store):

@@ -560,7 +560,7 @@ def fit(cfg, run_dir, overwrite=False, resume=None, quiet=False, echo=print, res
     say(corpus.describe())
     say(f"model: {trainer.model.num_params():,} parameters; run directory {run_dir}; "
         f"element-wise kernels: {kernels_in_use()}")
-    if cfg.train.average_from is not None and averaging_start(cfg.train) is None:
+    if averaging_start(cfg.train) != cfg.train.average_from:  # set, but no epoch after it to average
         say(f"note: train.average_from {cfg.train.average_from} is not below train.epochs {cfg.train.epochs}: "
             f"this run evaluates its last weights, not an average")
     if ckpt is None:
