@@ -1,11 +1,10 @@
 """Dropout variants, AR/TAR, NT-ASGD, AdamW, schedules, variable BPTT, time budgets, initialisation."""
-import json
 import math
-import os
 
 import numpy as np
 import pytest
 
+from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import ModelConfig, from_dict, load_config
 from lmtrain.nn.cells import Recurrent
 from lmtrain.nn.layers import Dropout, Embedding
@@ -13,6 +12,7 @@ from lmtrain.nn.model import LanguageModel
 from lmtrain.optim import Adam, AveragedSGD, LRSchedule
 from lmtrain.train import fit
 from tests.gradcheck import numerical_grad, rel_error
+from tests.test_reliability import events
 from tests.test_train import store_of
 
 
@@ -127,10 +127,8 @@ def test_ntasgd_run_evaluates_and_saves_the_averaged_weights(tmp_path, tiny_conf
                                     "train.clip_grad_norm=0.25"])
     run = tmp_path / "run"
     fit(cfg, str(run), quiet=True)
-    events = [json.loads(l) for l in open(run / "metrics.jsonl")]
-    switches = [e for e in events if e["event"] == "switch_to_averaging"]
+    switches = [e for e in events(run) if e["event"] == "switch_to_averaging"]
     assert len(switches) == 1 and switches[0]["epoch"] < 8  # steps were averaged after it
-    from lmtrain.checkpoint import load_checkpoint
     last = load_checkpoint(run / "checkpoints" / "last.npz")
     assert last.meta["optimizer"]["averaging"]
     raw = last.group("optim")
@@ -146,10 +144,9 @@ def test_averaging_from_an_epoch_keeps_the_sgd_steps_and_evaluates_their_mean(tm
     for name, extra in [("plain", []), ("averaged", ["train.average_from=1"])]:
         cfg = load_config(tiny_config, ["train.optimizer=sgd", "train.lr=2", "train.epochs=3"] + extra)
         fit(cfg, str(tmp_path / name), quiet=True)
-        events = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
-        runs[name] = ([e["ppl"] for e in events if e["event"] == "valid"],
-                      [e for e in events if e["event"] == "switch_to_averaging"])
-    from lmtrain.checkpoint import load_checkpoint
+        logged = events(tmp_path / name)
+        runs[name] = ([e["ppl"] for e in logged if e["event"] == "valid"],
+                      [e for e in logged if e["event"] == "switch_to_averaging"])
     plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.npz")
     averaged = load_checkpoint(tmp_path / "averaged" / "checkpoints" / "last.npz")
     (plain_valid, none), (avg_valid, switches) = runs["plain"], runs["averaged"]
@@ -165,21 +162,17 @@ def test_averaging_from_an_epoch_keeps_the_sgd_steps_and_evaluates_their_mean(tm
 def test_a_run_resumed_while_averaging_ends_with_the_same_weights(tmp_path, tiny_config, stop_at):
     """The checkpoint holds the mean; the raw weights, the mean's count and the switch travel beside it.  A
     run stopped inside the epoch that ends in the switch has not switched yet."""
-    from lmtrain.checkpoint import load_checkpoint
     sets = ["train.optimizer=sgd", "train.lr=2", "train.epochs=3", "train.average_from=1"]
-
-    def events(run):
-        return [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl")]
     fit(load_config(tiny_config, sets), str(tmp_path / "whole"), quiet=True)
-    per_epoch = next(e["step"] for e in events("whole") if e["event"] == "switch_to_averaging")
+    per_epoch = next(e["step"] for e in events(tmp_path / "whole") if e["event"] == "switch_to_averaging")
     fit(load_config(tiny_config, sets + [f"train.max_steps={int(per_epoch * stop_at)}"]), str(tmp_path / "part"),
         quiet=True)
     fit(load_config(tiny_config, sets), str(tmp_path / "part"), resume="last", quiet=True)
     whole, part = (load_checkpoint(tmp_path / run / "checkpoints" / "last.npz") for run in ("whole", "part"))
     for k in whole.params:
         np.testing.assert_array_equal(part.params[k], whole.params[k])
-    assert [e["ppl"] for e in events("part") if e["event"] == "test"] == \
-        [e["ppl"] for e in events("whole") if e["event"] == "test"]
+    assert [e["ppl"] for e in events(tmp_path / "part") if e["event"] == "test"] == \
+        [e["ppl"] for e in events(tmp_path / "whole") if e["event"] == "test"]
 
 
 @pytest.mark.parametrize("extra", [["train.optimizer=adam"], ["train.optimizer=sgd", "train.momentum=0.9"]])
@@ -194,8 +187,7 @@ def test_a_run_too_short_to_average_says_so(tmp_path, tiny_config):
     said = []
     fit(cfg, str(tmp_path / "run"), echo=said.append)
     assert any("train.average_from 2 is not below train.epochs 2" in line for line in said)
-    events = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    assert not any(e["event"] == "switch_to_averaging" for e in events)
+    assert not any(e["event"] == "switch_to_averaging" for e in events(tmp_path / "run"))
 
 
 def test_adamw_decays_outside_the_adaptive_step():
@@ -227,7 +219,7 @@ def test_variable_bptt_scales_the_rate_by_the_window(tmp_path, tiny_config):
     cfg = load_config(tiny_config, ["train.variable_bptt=true", "train.bptt=12", "train.log_every=1",
                                     "train.optimizer=sgd", "train.lr=1.0", "train.epochs=1"])
     fit(cfg, str(tmp_path / "run"), quiet=True)
-    lrs = [e["lr"] for e in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if e["event"] == "train"]
+    lrs = [e["lr"] for e in events(tmp_path / "run") if e["event"] == "train"]
     assert len(set(lrs)) > 3  # window lengths differ, and so do the rates
     lengths = np.array(lrs) * 12
     assert np.allclose(lengths, np.round(lengths)) and lengths.min() >= 5 and lengths.max() <= 32
@@ -237,9 +229,9 @@ def test_time_budget_ends_training_evaluated_and_saved(tmp_path, tiny_config):
     cfg = load_config(tiny_config, ["train.epochs=1000", "train.time_budget=0.15"])
     run = tmp_path / "run"
     result = fit(cfg, str(run), quiet=True)
-    events = [json.loads(l) for l in open(run / "metrics.jsonl")]
-    assert [e["event"] for e in events if e["event"] == "time_budget"] == ["time_budget"]
-    assert events[-1]["event"] == "test" and math.isfinite(result["test_ppl"])
+    logged = events(run)
+    assert [e["event"] for e in logged if e["event"] == "time_budget"] == ["time_budget"]
+    assert logged[-1]["event"] == "test" and math.isfinite(result["test_ppl"])
     assert result["elapsed_s"] <= 0.15 * 60 + 1.0
     assert (run / "checkpoints" / "best.npz").exists()
 
@@ -256,9 +248,9 @@ def test_budget_running_out_during_a_validation_is_reported(tmp_path, tiny_confi
     monkeypatch.setattr(train_module, "evaluate", evaluate_then_out_of_time)
     cfg = load_config(tiny_config, ["train.epochs=3", "train.time_budget=10"])
     fit(cfg, str(tmp_path / "run"), quiet=True)
-    events = [json.loads(line)["event"] for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert events.count("valid") == 1 and events.count("time_budget") == 1
-    assert events[-1] == "test"
+    names = [e["event"] for e in events(tmp_path / "run")]
+    assert names.count("valid") == 1 and names.count("time_budget") == 1
+    assert names[-1] == "test"
 
 
 def test_orthogonal_recurrent_init():
