@@ -4,10 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROMPT := tom was watching tv in his room . mary came into the room . mary said hi to
 
-.PHONY: help install dev quickstart test test-slow recall-seeds docs clean
+.PHONY: help install dev quickstart lint test test-slow recall-seeds docs clean
 
 help:
 	@echo "make quickstart   install into .venv, train on the built-in stories (~4 min), generate"
+	@echo "make lint         ruff (style and format) and the import contracts of pyproject.toml"
 	@echo "make test         install the dev extras into .venv and run the test suite"
 	@echo "make test-slow    the long checks too (full PTB runs; they find PTB through LMTRAIN_PTB_DIR)"
 	@echo "make recall-seeds the recall table of docs/why-lstm.md: 11 runs of ~9 min, then the probe (~1.7 h)"
@@ -31,6 +32,11 @@ dev: $(VENV)/.installed-dev
 quickstart: install
 	$(BIN)/lmtrain fit configs/quickstart.yaml --overwrite
 	$(BIN)/lmtrain generate --prompt "$(PROMPT)" --show-top 3 --greedy --max-tokens 1
+
+lint: dev
+	$(BIN)/ruff check lmtrain tests benchmarks
+	$(BIN)/ruff format --check lmtrain tests benchmarks
+	$(BIN)/lint-imports
 
 test: dev
 	$(BIN)/python -m pytest -q

@@ -8,6 +8,7 @@ problem, P - f Q weighted by 1 / Q of the previous iterate) with Lawson's reweig
 worst points, in a Chebyshev basis for conditioning.  It prints the coefficients and the errors of
 the result evaluated in float32, as the kernel evaluates it, next to numpy's own float32 tanh.
 """
+
 import numpy as np
 
 X, DEG_P, DEG_Q = 9.0, 6, 3
@@ -23,7 +24,7 @@ def fit(iterations=200):
     for _ in range(iterations):
         A = np.concatenate([Tp, -f[:, None] * Tq], 1) * (w / (f * np.abs(q_prev)))[:, None]
         coef = np.linalg.svd(A, full_matrices=False)[2][-1]  # the least-squares null vector
-        cp, cq = coef[:DEG_P + 1], coef[DEG_P + 1:]
+        cp, cq = coef[: DEG_P + 1], coef[DEG_P + 1 :]
         q_prev = Tq @ cq
         err = np.abs((Tp @ cp) / q_prev / f - 1)
         if best is None or err.max() < best[0]:
@@ -60,5 +61,7 @@ if __name__ == "__main__":
     ulp = np.spacing(np.abs(np.tanh(x))).astype(np.float64)
     ours = np.abs(tanh32(x, p, q) - ref) / ulp
     theirs = np.abs(np.tanh(x) - ref) / ulp
-    print(f"float32 error in ulps: this fit max {ours.max():.2f} mean {ours.mean():.2f}; "
-          f"numpy's tanh max {theirs.max():.2f} mean {theirs.mean():.2f}")
+    print(
+        f"float32 error in ulps: this fit max {ours.max():.2f} mean {ours.mean():.2f}; "
+        f"numpy's tanh max {theirs.max():.2f} mean {theirs.mean():.2f}"
+    )

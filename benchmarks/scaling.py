@@ -10,6 +10,7 @@ memory and once with every message forced through MPICH's network path
 (MPIR_CVAR_NOLOCAL=1), as between machines.  Needs the mpi extra:
 `pip install -e '.[mpi]'`.
 """
+
 import argparse
 import json
 import os
@@ -45,8 +46,11 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     K, cores = args.ranks, args.cores
-    settings = {f"1 x {cores}": (1, cores, False), f"{K} x {cores // K}": (K, cores // K, False),
-                f"{K} x {cores // K}, network path": (K, cores // K, True)}
+    settings = {
+        f"1 x {cores}": (1, cores, False),
+        f"{K} x {cores // K}": (K, cores // K, False),
+        f"{K} x {cores // K}, network path": (K, cores // K, True),
+    }
     results = []
     for config in args.configs:
         runs = {name: [] for name in settings}
@@ -56,9 +60,13 @@ def main():
         row = {"config": config}
         for name, rs in runs.items():
             median = lambda key: float(np.median([r[key] for r in rs]))  # noqa: E731
-            row[name] = {"train_tokens_per_s": median("train_tokens_per_s"), "step_ms": median("train_step_ms"),
-                         "allreduce_ms": median("allreduce_ms"), "gradient_mb": rs[0]["gradient_mb"],
-                         "eval_tokens_per_s": median("eval_tokens_per_s")}
+            row[name] = {
+                "train_tokens_per_s": median("train_tokens_per_s"),
+                "step_ms": median("train_step_ms"),
+                "allreduce_ms": median("allreduce_ms"),
+                "gradient_mb": rs[0]["gradient_mb"],
+                "eval_tokens_per_s": median("eval_tokens_per_s"),
+            }
         results.append(row)
     if args.json:
         print(json.dumps(results))
@@ -68,8 +76,10 @@ def main():
     for row in results:
         for name in settings:
             r = row[name]
-            print(f"{row['config']:<32} {name:<22} {r['train_tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
-                  f"{r['allreduce_ms']:>13.2f} {r['eval_tokens_per_s']:>11,.0f}")
+            print(
+                f"{row['config']:<32} {name:<22} {r['train_tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
+                f"{r['allreduce_ms']:>13.2f} {r['eval_tokens_per_s']:>11,.0f}"
+            )
         print(f"{'':<32} gradient buffer {row[next(iter(settings))]['gradient_mb']:.1f} MB per step")
 
 

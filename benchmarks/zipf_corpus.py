@@ -16,6 +16,7 @@ words and line lengths, one join builds the chunk's text), so memory stays
 flat whatever --tokens is.  The same --seed and --tokens always give the same
 files.
 """
+
 import argparse
 import os
 import sys
@@ -33,7 +34,7 @@ def word_strings(n):
     words, length = [], 1
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     while len(words) < n:
-        count = min(26 ** length, n - len(words))
+        count = min(26**length, n - len(words))
         digits = (np.arange(count)[:, None] // 26 ** np.arange(length - 1, -1, -1)[None, :]) % 26
         words.extend("".join(row) for row in letters[digits])
         length += 1
@@ -95,10 +96,15 @@ def main(argv=None):
         rng = np.random.default_rng([args.seed, i])
         path = os.path.join(args.out, f"{split}.txt")
         lines, size = write_split(path, tokens, words, cdf, rng)
-        print(f"{path}: {tokens:,} tokens in {lines:,} lines, {size / 2 ** 20:,.1f} MiB "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
-    print("prepare it with: lmtrain prepare CONFIG --set data.source=text " + " ".join(
-        f"--set data.{s}={os.path.join(args.out, s + '.txt')}" for s in sizes))
+        print(
+            f"{path}: {tokens:,} tokens in {lines:,} lines, {size / 2**20:,.1f} MiB "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    print(
+        "prepare it with: lmtrain prepare CONFIG --set data.source=text "
+        + " ".join(f"--set data.{s}={os.path.join(args.out, s + '.txt')}" for s in sizes)
+    )
 
 
 if __name__ == "__main__":

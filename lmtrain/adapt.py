@@ -36,6 +36,7 @@ back.  lr = 0 leaves the weights untouched and the result is plain
 evaluation's, to the bit.  The gradients are the model's own backward, the
 one the gradient checks test.
 """
+
 import glob
 import math
 import os
@@ -44,14 +45,15 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from lmtrain.backend import parallel_rows, to_numpy, xp
-from lmtrain.checkpoint import atomic_write
-from lmtrain.data.batching import batchify, get_batch, window_starts
+from lmtrain.backend import to_numpy, xp
+from lmtrain.data.batching import batchify
 from lmtrain.errors import LmtrainError
+from lmtrain.evaluation import perplexity, stream
+from lmtrain.files import atomic_write
 from lmtrain.nn.adaptive import log_softmax
-from lmtrain.train import perplexity
+from lmtrain.threads import parallel_rows
 
-DYN_EPS = 1e-4   # added to sqrt(MS): a parameter that training hardly moved must not take huge steps here
+DYN_EPS = 1e-4  # added to sqrt(MS): a parameter that training hardly moved must not take huge steps here
 UPDATE_BLOCK = 1 << 16  # parameters per block of DynamicEval.update: its 5 arrays stay in L2 (docs/performance.md)
 STATS_BATCH = 64  # streams read at once by the statistics pass (their number sets MS's scale, which lr absorbs)
 
@@ -61,7 +63,7 @@ class NeuralCache:
 
     def __init__(self, window, theta):
         self.window, self.theta = int(window), float(theta)
-        self.keys = None                    # (M, d) float64, M <= window
+        self.keys = None  # (M, d) float64, M <= window
         self.words = np.zeros(0, np.int64)  # (M,)
 
     def weights(self, h, targets):
@@ -82,7 +84,7 @@ class NeuralCache:
         w = np.exp(scores - top)
         total = w.sum(axis=1, keepdims=True)
         w /= np.where(total > 0, total, 1.0)
-        self.keys, self.words = keys[-self.window:], words[-self.window:]
+        self.keys, self.words = keys[-self.window :], words[-self.window :]
         return w, words
 
     def target_probs(self, h, targets):
@@ -131,6 +133,7 @@ class DynamicEval:
                 xp.subtract(theta0[lo:hi], pb, out=gb)
                 gb *= decay[lo:hi]
                 pb += gb
+
         parallel_rows(update, p.size, 1)
 
     def restore(self):
@@ -154,23 +157,35 @@ def gradient_stats(model, train_ids, bptt, ckpt_path=None, sha=None, progress=Tr
     data = batchify(train_ids, STATS_BATCH)
     if len(data) < 2:
         raise LmtrainError("the training split is too short to collect dynamic evaluation's gradient statistics")
-    state = model.init_state(STATS_BATCH)
     ms = np.zeros(model.store.grad.shape, np.float64)
-    starts = window_starts(data, bptt)
-    for i in tqdm(starts, desc="gradient statistics (train)", disable=not progress, leave=False, unit="win"):
-        x, y = get_batch(data, i, bptt)
-        out, state = model.forward(xp.asarray(x), state)
-        model.loss(out, xp.asarray(y))
+    windows = 0
+
+    def add_square(window):
+        nonlocal windows
         model.backward()
         g = to_numpy(model.store.grad).astype(np.float64)
-        ms += g * g
-    ms /= len(starts)
+        ms[...] += g * g
+        windows += 1
+
+    stream(
+        model,
+        data,
+        bptt,
+        on_window=add_square,
+        grad=True,
+        progress=lambda starts: tqdm(
+            starts, desc="gradient statistics (train)", disable=not progress, leave=False, unit="win"
+        ),
+    )
+    ms /= windows
     if path:
         try:
             atomic_write(path, lambda fh: np.savez(fh, ms=ms, sha256=np.str_(sha)))
         except OSError as err:
-            echo(f"warning: could not cache the gradient statistics at {path} ({err.strerror}); "
-                 "they will be computed again next time")
+            echo(
+                f"warning: could not cache the gradient statistics at {path} ({err.strerror}); "
+                "they will be computed again next time"
+            )
             return ms
         for stale in glob.glob(glob.escape(os.path.splitext(os.fspath(ckpt_path))[0]) + ".dynstats-*.npz"):
             if stale != path:  # statistics of an earlier version of this checkpoint
@@ -185,38 +200,41 @@ def cache_gains(cache, h, targets, target_logp, lambdas):
     return {lam: float(mixture_gain(p_cache, nonempty, target_logp, lam).sum()) for lam in lambdas}
 
 
-def score_stream(model, ids, window, cache=None, dynamic=None, lambdas=(), collect=False, progress=True,
-                 desc="eval"):
+def score_stream(model, ids, window, cache=None, dynamic=None, lambdas=(), collect=False, progress=True, desc="eval"):
     """One pass over ``ids`` at batch 1, in windows of ``window`` tokens.
 
     Returns (loss sum, targets, {lambda: summed cache gain}, collected): the loss summed as
-    ``train.evaluate`` sums it at batch 1 with the same windows; with ``collect``, ``collected`` is
+    ``evaluation.evaluate`` sums it at batch 1 with the same windows; with ``collect``, ``collected`` is
     (top-layer outputs, targets, log p_model(target)) of every position, for replaying caches.
     """
-    data = np.asarray(ids).reshape(-1, 1)
-    state = model.init_state(1)
-    total = count = 0.0
     gains = {lam: 0.0 for lam in lambdas}
     kept = []
+
+    def after_window(window):
+        if cache is not None or collect:
+            targets = window.y[:, 0].astype(np.int64)
+            scores = to_numpy(model.scores(window.out)).astype(np.float64)
+            logp = log_softmax(scores)[np.arange(len(targets)), targets]
+            h = np.array(to_numpy(model.h_last[:, 0]))  # a copy: the model's buffer is reused next window
+            if collect:
+                kept.append((h, targets, logp))
+            if cache is not None:
+                for lam, g in cache_gains(cache, h, targets, logp, lambdas).items():
+                    gains[lam] += g
+        if dynamic is not None:
+            model.backward()
+            dynamic.update()
+
     try:
-        for i in tqdm(window_starts(data, window), desc=desc, disable=not progress, leave=False, unit="win"):
-            x, y = get_batch(data, i, window)
-            out, state = model.forward(xp.asarray(x), state)
-            model.loss(out, xp.asarray(y))
-            total += model.loss_sum
-            count += model.loss_count
-            if cache is not None or collect:
-                targets = y[:, 0].astype(np.int64)
-                logp = log_softmax(to_numpy(model.scores(out)).astype(np.float64))[np.arange(len(targets)), targets]
-                h = np.array(to_numpy(model.h_last[:, 0]))  # a copy: the buffer is reused next window
-                if collect:
-                    kept.append((h, targets, logp))
-                if cache is not None:
-                    for lam, g in cache_gains(cache, h, targets, logp, lambdas).items():
-                        gains[lam] += g
-            if dynamic is not None:
-                model.backward()
-                dynamic.update()
+        total, count = stream(
+            model,
+            np.asarray(ids).reshape(-1, 1),
+            window,
+            on_window=after_window,
+            grad=dynamic is not None,
+            adapts=dynamic is not None,
+            progress=lambda starts: tqdm(starts, desc=desc, disable=not progress, leave=False, unit="win"),
+        )
     finally:
         if dynamic is not None:
             dynamic.restore()
@@ -240,8 +258,9 @@ def run(model, ids, window, cache_settings=None, dyn_settings=None, ms=None, pro
 
     t0 = time.perf_counter()
     c, lams = cache()
-    total, count, gains, _ = score_stream(model, ids, window, cache=c, lambdas=lams, progress=progress,
-                                          desc="base" + (" + cache" if c else ""))
+    total, count, gains, _ = score_stream(
+        model, ids, window, cache=c, lambdas=lams, progress=progress, desc="base" + (" + cache" if c else "")
+    )
     seconds = time.perf_counter() - t0
     results["base"] = dict(loss=total / count, seconds=seconds)
     if c is not None:
@@ -250,8 +269,16 @@ def run(model, ids, window, cache_settings=None, dyn_settings=None, ms=None, pro
         t0 = time.perf_counter()
         c, lams = cache()
         dyn = DynamicEval(model, ms, dyn_settings["lr"], dyn_settings["decay"])
-        total, count, gains, _ = score_stream(model, ids, window, cache=c, dynamic=dyn, lambdas=lams,
-                                              progress=progress, desc="dynamic" + (" + cache" if c else ""))
+        total, count, gains, _ = score_stream(
+            model,
+            ids,
+            window,
+            cache=c,
+            dynamic=dyn,
+            lambdas=lams,
+            progress=progress,
+            desc="dynamic" + (" + cache" if c else ""),
+        )
         seconds = time.perf_counter() - t0
         results["dynamic"] = dict(loss=total / count, seconds=seconds)
         if c is not None:
@@ -263,8 +290,7 @@ def run(model, ids, window, cache_settings=None, dyn_settings=None, ms=None, pro
 
 
 # -- tuning, on the validation split only --------------------------------------------------------------
-CACHE_GRID = dict(window=(100, 500, 1000, 2000), theta=(0.1, 0.2, 0.3, 0.5, 0.8, 1.2),
-                  lam=(0.05, 0.1, 0.15, 0.2, 0.3))
+CACHE_GRID = dict(window=(100, 500, 1000, 2000), theta=(0.1, 0.2, 0.3, 0.5, 0.8, 1.2), lam=(0.05, 0.1, 0.15, 0.2, 0.3))
 DYN_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 DYN_DECAYS = (0.0, 0.003, 0.01, 0.03)
 DYN_REFINE = (0.5, 2.0)  # the grid's steps are ~3x: then half and twice the best rate, then the best decay
@@ -317,15 +343,17 @@ def tune_cache(model, ids, window, grid=CACHE_GRID, extend=4, progress=True):
     """Every (window, theta, lambda) of ``grid`` on ``ids``: one model pass, then each cache replayed over
     its stored outputs, and past a winning edge (``grow_at_edges``).  Returns (rows sorted best first, base
     perplexity)."""
-    total, count, _, (h, targets, logp) = score_stream(model, ids, window, collect=True, progress=progress,
-                                                       desc="validation pass")
+    total, count, _, (h, targets, logp) = score_stream(
+        model, ids, window, collect=True, progress=progress, desc="validation pass"
+    )
     rows = {}
 
     def replay(n, theta, lams):
         cache, gains = NeuralCache(n, theta), dict.fromkeys(lams, 0.0)
         for a in range(0, len(targets), window):
-            for lam, g in cache_gains(cache, h[a:a + window], targets[a:a + window], logp[a:a + window],
-                                      lams).items():
+            for lam, g in cache_gains(
+                cache, h[a : a + window], targets[a : a + window], logp[a : a + window], lams
+            ).items():
                 gains[lam] += g
         for lam, g in gains.items():
             rows[n, theta, lam] = dict(window=n, theta=theta, lam=lam, ppl=perplexity((total - g) / count))
@@ -334,20 +362,30 @@ def tune_cache(model, ids, window, grid=CACHE_GRID, extend=4, progress=True):
     settings = [(n, th) for n in axes["window"] for th in axes["theta"]]
     for n, theta in tqdm(settings, desc="cache settings", disable=not progress, leave=False):
         replay(n, theta, axes["lam"])
-    grow_at_edges(lambda: min(rows.values(), key=by_ppl), axes, extend,
-                  lambda s, axis: replay(s["window"], s["theta"], [s["lam"]] if axis == "lam" else axes["lam"]))
+    grow_at_edges(
+        lambda: min(rows.values(), key=by_ppl),
+        axes,
+        extend,
+        lambda s, axis: replay(s["window"], s["theta"], [s["lam"]] if axis == "lam" else axes["lam"]),
+    )
     return sorted(rows.values(), key=by_ppl), perplexity(total / count)
 
 
-def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine=DYN_REFINE, extend=4,
-                 progress=True):
+def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine=DYN_REFINE, extend=4, progress=True):
     """A coordinate search: every learning rate at the middle decay, every decay at the best rate, then
     the best rate times each factor of ``refine`` at the best decay, and last the best decay times each
     factor at the best rate so far (the decays, too, are ~3x apart); then past a winning edge of the rates
     or decays tried (``grow_at_edges``).  Returns (rows sorted best first, base perplexity)."""
+
     def trial(lr, decay):
-        total, count, _, _ = score_stream(model, ids, segment, dynamic=DynamicEval(model, ms, lr, decay),
-                                          progress=progress, desc=f"dynamic lr {lr:g} decay {decay:g}")
+        total, count, _, _ = score_stream(
+            model,
+            ids,
+            segment,
+            dynamic=DynamicEval(model, ms, lr, decay),
+            progress=progress,
+            desc=f"dynamic lr {lr:g} decay {decay:g}",
+        )
         return dict(lr=lr, decay=decay, ppl=perplexity(total / count))
 
     total, count, _, _ = score_stream(model, ids, segment, progress=progress, desc="validation pass")
@@ -361,6 +399,5 @@ def tune_dynamic(model, ids, segment, ms, lrs=DYN_LRS, decays=DYN_DECAYS, refine
     if best["decay"] > 0:
         rows += [trial(best["lr"], best["decay"] * f) for f in refine]
     axes = {axis: sorted({r[axis] for r in rows}) for axis in ("lr", "decay")}
-    grow_at_edges(lambda: min(rows, key=by_ppl), axes, extend,
-                  lambda s, axis: rows.append(trial(s["lr"], s["decay"])))
+    grow_at_edges(lambda: min(rows, key=by_ppl), axes, extend, lambda s, axis: rows.append(trial(s["lr"], s["decay"])))
     return sorted(rows, key=by_ppl), perplexity(total / count)

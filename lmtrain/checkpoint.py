@@ -8,22 +8,21 @@ Entries (see docs/checkpoint-format.md):
   sha256         0-d unicode array: SHA-256 over every other entry
 
 Files are written to a temporary name in the same directory, flushed to disk
-and renamed over the target, so a crash leaves either the old file or the new
-one, never half of one.
+and renamed over the target (lmtrain/files.py), so a crash leaves either the
+old file or the new one, never half of one.  This module reads and writes
+files only; lmtrain/build.py rebuilds the model a checkpoint describes.
 """
+
 import hashlib
 import json
-import os
 import zipfile
 import zlib
 
 import numpy as np
 
 from lmtrain.backend import to_numpy
-from lmtrain.config import from_dict
-from lmtrain.data.vocab import Vocab
-from lmtrain.errors import CheckpointError, ConfigError, LmtrainError, require_file
-from lmtrain.nn.model import LanguageModel
+from lmtrain.errors import CheckpointError, LmtrainError, require_file
+from lmtrain.files import atomic_write
 
 FORMAT = "lmtrain-checkpoint"
 FORMAT_VERSION = 1
@@ -37,28 +36,6 @@ def _digest(arrays):
         h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def atomic_write(path, write):
-    """Call ``write(fileobj)`` on a temporary file, then rename it to ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _write_npz(fh, arrays):
@@ -76,8 +53,7 @@ def save_checkpoint(path, params, meta, groups=None):
     ``groups`` maps a prefix to named arrays, e.g. {"optim": optimizer state,
     "state": carried hidden state}; they are stored as ``prefix/name``.
     """
-    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, gate_order=GATE_ORDER,
-                param_names=list(params))
+    meta = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, gate_order=GATE_ORDER, param_names=list(params))
     arrays = {"meta": np.array(json.dumps(meta))}
     for name, value in params.items():
         arrays[f"param/{name}"] = to_numpy(value)
@@ -116,14 +92,18 @@ def load_checkpoint(path):
                     arrays[name] = z[name]
                 except ValueError as err:
                     if "allow_pickle" in str(err) or "Object arrays" in str(err):
-                        raise CheckpointError(f"{path} holds a pickled object in '{name}'; lmtrain never loads "
-                                              "pickles (they can run code), so the file is refused") from None
+                        raise CheckpointError(
+                            f"{path} holds a pickled object in '{name}'; lmtrain never loads "
+                            "pickles (they can run code), so the file is refused"
+                        ) from None
                     raise
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as err:
-        raise CheckpointError(f"{path} is not a readable .npz file (truncated or corrupt?): "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise CheckpointError(
+            f"{path} is not a readable .npz file (truncated or corrupt?): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     if "meta" not in arrays:
         raise CheckpointError(f"{path} is not an lmtrain checkpoint (it has no 'meta' entry)")
     try:
@@ -133,8 +113,10 @@ def load_checkpoint(path):
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lmtrain checkpoint")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {meta.get('format_version')!r}; "
-                              f"this lmtrain reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {meta.get('format_version')!r}; "
+            f"this lmtrain reads version {FORMAT_VERSION}"
+        )
     stored = arrays.pop("sha256", None)
     if stored is None or str(stored) != _digest(arrays):
         raise CheckpointError(f"{path} fails its SHA-256 check: the file was modified or damaged")
@@ -148,28 +130,3 @@ def load_checkpoint(path):
     if missing:
         raise CheckpointError(f"{path} lacks parameter '{missing[0]}'")
     return Checkpoint(path, meta, params, groups, str(stored))
-
-
-def model_from_checkpoint(ckpt, dtype=None):
-    """(model, vocab, config) rebuilt from a loaded checkpoint, with every shape checked.
-
-    ``dtype`` overrides the stored one (the gradient probe works in float64).
-    """
-    try:
-        cfg = from_dict(ckpt.meta["config"])
-        vocab = Vocab.from_dict(ckpt.meta["vocab"])
-    except (KeyError, TypeError, ValueError, ConfigError) as err:
-        raise CheckpointError(f"{ckpt.path} has an invalid config or vocabulary: {err}") from None
-    model = LanguageModel(cfg.model, len(vocab), seed=cfg.seed, dtype=dtype or cfg.train.dtype)
-    expected = model.params
-    for name, value in ckpt.params.items():
-        if name not in expected:
-            raise CheckpointError(f"{ckpt.path} has parameter '{name}', which this model does not have")
-        if value.shape != expected[name].shape:
-            raise CheckpointError(f"{ckpt.path}: parameter '{name}' has shape {value.shape}, expected "
-                                  f"{expected[name].shape} (vocabulary of {len(vocab)} words)")
-    absent = [n for n in expected if n not in ckpt.params]
-    if absent:
-        raise CheckpointError(f"{ckpt.path} lacks parameter '{absent[0]}'")
-    model.load_params(ckpt.params)
-    return model, vocab, cfg

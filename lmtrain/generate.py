@@ -1,11 +1,11 @@
 """Continuing a prompt with a trained model: greedy, temperature, top-k and top-p sampling."""
+
 import numpy as np
 
-from lmtrain.backend import to_numpy, xp
 from lmtrain.data.vocab import EOS
 from lmtrain.errors import LmtrainError
+from lmtrain.evaluation import feed
 
-CHUNK = 256  # prompt tokens fed per forward pass: bounds memory for long prompts
 MAX_PROMPT_TOKENS = 20_000
 
 
@@ -13,25 +13,19 @@ def encode_prompt(vocab, prompt):
     """(tokens, ids, unknown tokens), tokenized exactly as the training data was."""
     tokens = [vocab.normalize(t) for t in prompt.split()]
     if not tokens:
-        raise LmtrainError("the prompt is empty; give at least one word, e.g. --prompt \"the market\"")
+        raise LmtrainError('the prompt is empty; give at least one word, e.g. --prompt "the market"')
     if len(tokens) > MAX_PROMPT_TOKENS:
-        raise LmtrainError(f"the prompt has {len(tokens):,} words; at most {MAX_PROMPT_TOKENS:,} are read "
-                           f"(an LSTM's memory is far shorter: keep the end that matters)")
+        raise LmtrainError(
+            f"the prompt has {len(tokens):,} words; at most {MAX_PROMPT_TOKENS:,} are read "
+            f"(an LSTM's memory is far shorter: keep the end that matters)"
+        )
     unknown = sorted(set(vocab.unknown(tokens)))
     if len(unknown) == len(set(tokens)):
-        raise LmtrainError(f"none of the prompt's words is in the vocabulary ({', '.join(unknown[:5])}"
-                           f"{', ...' if len(unknown) > 5 else ''}); the model would only see <unk>")
+        raise LmtrainError(
+            f"none of the prompt's words is in the vocabulary ({', '.join(unknown[:5])}"
+            f"{', ...' if len(unknown) > 5 else ''}); the model would only see <unk>"
+        )
     return tokens, vocab.encode(tokens), unknown
-
-
-def _feed(model, ids, state):
-    """Run ids through the model; return the float64 logits after the last one and the state (under the
-    adaptive softmax, the exact log-probabilities: logits of the same distribution)."""
-    out = None
-    for i in range(0, len(ids), CHUNK):
-        chunk = xp.asarray(np.asarray(ids[i:i + CHUNK], dtype=np.int32)[:, None])
-        out, state = model.forward(chunk, state, train=False)
-    return to_numpy(model.scores(out[-1:])[0]).astype(np.float64), state
 
 
 def softmax(logits, temperature=1.0):
@@ -52,7 +46,7 @@ def pick(logits, rng, temperature=1.0, top_k=None, top_p=None, greedy=False):
     if top_p is not None and top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
-        keep = order[:int(np.searchsorted(cum, top_p * cum[-1])) + 1]
+        keep = order[: int(np.searchsorted(cum, top_p * cum[-1])) + 1]
         mask = np.zeros_like(p)
         mask[keep] = 1.0
         p = p * mask
@@ -60,8 +54,9 @@ def pick(logits, rng, temperature=1.0, top_k=None, top_p=None, greedy=False):
     return int(rng.choice(len(p), p=p))
 
 
-def generate(model, vocab, prompt, max_tokens=30, temperature=1.0, top_k=None, top_p=None, greedy=False,
-             seed=None, show_top=0):
+def generate(
+    model, vocab, prompt, max_tokens=30, temperature=1.0, top_k=None, top_p=None, greedy=False, seed=None, show_top=0
+):
     """Continue ``prompt``; returns a dict with the tokens, the continuation and the top next words.
 
     The prompt is preceded by <eos>, as every line of the training data is.
@@ -69,7 +64,7 @@ def generate(model, vocab, prompt, max_tokens=30, temperature=1.0, top_k=None, t
     tokens, ids, unknown = encode_prompt(vocab, prompt)
     rng = np.random.default_rng(seed)
     state = model.init_state(1)
-    logits, state = _feed(model, np.concatenate([[vocab.eos_id], ids]), state)
+    logits, state = feed(model, np.concatenate([[vocab.eos_id], ids]), state)
     top = []
     if show_top:
         p = softmax(logits, temperature)
@@ -79,7 +74,7 @@ def generate(model, vocab, prompt, max_tokens=30, temperature=1.0, top_k=None, t
     for _ in range(max_tokens):
         nxt = pick(logits, rng, temperature, top_k, top_p, greedy)
         out.append(vocab.words[nxt])
-        logits, state = _feed(model, [nxt], state)
+        logits, state = feed(model, [nxt], state)
     return {"prompt_tokens": tokens, "unknown": unknown, "top": top, "continuation": out}
 
 

@@ -1,13 +1,19 @@
 """Optimizers, gradient clipping and learning-rate schedules.
 
-Optimizers update parameter arrays in place from gradient arrays with the same
-names.  Their state (momentum, Adam moments, step count) is a dict of named
-arrays plus scalars so that checkpoints can store it without pickling.
+Optimizers update the whole parameter buffer in place from the gradient
+buffer (lmtrain/nn/params.py), a slice at a time (``update``), the slices in
+threads.  Their state (momentum, Adam moments, step count) is a dict of named
+arrays plus scalars so that checkpoints can store it without pickling.  This
+is the reference; lmtrain/fast/ has the same optimizers with each slice's
+update one compiled loop.
 """
+
 import contextlib
 import math
+from typing import NamedTuple
 
-from lmtrain.backend import fused, parallel_rows, xp
+from lmtrain.backend import xp
+from lmtrain.threads import parallel_rows
 
 
 def grad_norm(store):
@@ -50,36 +56,33 @@ class SGD(Optimizer):
         self.velocity = xp.zeros_like(store.data) if momentum else None
 
     def step(self, lr, grad_scale=1.0):
-        p, g, v = self.store.data, self.store.grad, self.velocity
-        f = p.dtype.type
-        k = fused()
+        """One update with learning rate ``lr`` from the gradients times ``grad_scale`` (the clipping
+        factor, folded in here so that clipping costs no pass of its own)."""
+        parallel_rows(lambda a, b: self.update(a, b, lr, grad_scale), self.store.data.size, 1)
 
-        def update(a, b):  # on a slice of the buffers: the slices run in threads
-            pa, ga = p[a:b], g[a:b]
-            if k is not None and not (self.weight_decay or self.momentum):
-                k.sgd_update(pa, ga, f(lr * grad_scale))
-                return
-            scale = grad_scale
-            if (self.weight_decay or self.momentum) and scale != 1.0:
-                ga *= f(scale)  # both need the clipped gradient itself; plain SGD folds it into lr below
-                scale = 1.0
-            if self.weight_decay:
-                ga += f(self.weight_decay) * pa
-            if self.momentum:
-                va = v[a:b]
-                va *= f(self.momentum)
-                va += ga
-                xp.multiply(va, f(lr), out=ga)
-            else:
-                ga *= f(lr * scale)
-            pa -= ga
-        parallel_rows(update, p.size, 1)
+    def update(self, a, b, lr, grad_scale):
+        """The update of the slice [a, b) of the buffers."""
+        pa, ga = self.store.data[a:b], self.store.grad[a:b]
+        f = pa.dtype.type
+        scale = grad_scale
+        if (self.weight_decay or self.momentum) and scale != 1.0:
+            ga *= f(scale)  # both need the clipped gradient itself; plain SGD folds it into lr below
+            scale = 1.0
+        if self.weight_decay:
+            ga += f(self.weight_decay) * pa
+        if self.momentum:
+            va = self.velocity[a:b]
+            va *= f(self.momentum)
+            va += ga
+            xp.multiply(va, f(lr), out=ga)
+        else:
+            ga *= f(lr * scale)
+        pa -= ga
 
     def state_dict(self):
         if self.velocity is None:
             return {"arrays": {}, "scalars": {}}
-        return {"arrays": {f"velocity.{k}": v for k, v in self.store.views_of(self.velocity).items()},
-                "scalars": {}}
+        return {"arrays": {f"velocity.{k}": v for k, v in self.store.views_of(self.velocity).items()}, "scalars": {}}
 
     def load_state_dict(self, state):
         if self.velocity is not None:
@@ -117,13 +120,17 @@ class AveragedSGD(SGD):
                 xp.subtract(p[a:b], avg[a:b], out=g[a:b])
                 g[a:b] *= k
                 avg[a:b] += g[a:b]
+
             parallel_rows(average, p.size, 1)
 
     def observe_validation(self, loss, epochs_done):
         reason = None
         if not self.averaging:
-            if (self.nonmono is not None and len(self.history) > self.nonmono
-                    and loss > min(self.history[:-self.nonmono])):
+            if (
+                self.nonmono is not None
+                and len(self.history) > self.nonmono
+                and loss > min(self.history[: -self.nonmono])
+            ):
                 reason = "validation stopped improving"
             elif self.average_from is not None and epochs_done >= self.average_from:
                 reason = f"epoch {epochs_done} ended"
@@ -152,8 +159,10 @@ class AveragedSGD(SGD):
         # copies: the caller saves them while the averaged weights occupy the parameter buffer
         raw = self.store.views_of(self.store.data.copy()) if self.averaging else {}
         arrays = {f"raw.{k}": v for k, v in raw.items()}
-        return {"arrays": arrays, "scalars": {"history": self.history, "averaging": self.averaging,
-                                              "n_avg": self.n_avg}}
+        return {
+            "arrays": arrays,
+            "scalars": {"history": self.history, "averaging": self.averaging, "n_avg": self.n_avg},
+        }
 
     def load_state_dict(self, state):
         """Call after the checkpoint's (averaged) parameters were loaded into the model."""
@@ -186,39 +195,31 @@ class Adam(Optimizer):
     def step(self, lr, grad_scale=1.0):
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        f = self.store.data.dtype.type
-        step_size = lr * math.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        k = fused()
-        if k is not None:
-            decoupled = self.decoupled and self.weight_decay
-            consts = [f(c) for c in (grad_scale, 0.0 if decoupled else self.weight_decay,
-                                     1.0 - lr * self.weight_decay if decoupled else 1.0,
-                                     b1, 1 - b1, b2, 1 - b2, self.eps, step_size)]
+        step_size = lr * math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        parallel_rows(lambda a, b: self.update(a, b, lr, grad_scale, step_size), self.store.data.size, 1)
 
-        def update(a, b):  # on a slice of the buffers: the slices run in threads
-            p, g, m, v, tmp = (x[a:b] for x in (self.store.data, self.store.grad, self.m, self.v, self.tmp))
-            if k is not None:
-                k.adam_update(p, g, m, v, *consts)
-                return
-            if grad_scale != 1.0:
-                g *= f(grad_scale)
-            if self.weight_decay and self.decoupled:
-                p *= f(1.0 - lr * self.weight_decay)
-            elif self.weight_decay:
-                g += f(self.weight_decay) * p
-            v *= f(b2)
-            xp.multiply(g, g, out=tmp)
-            tmp *= f(1 - b2)
-            v += tmp
-            m *= f(b1)
-            g *= f(1 - b1)
-            m += g
-            xp.sqrt(v, out=tmp)
-            tmp += f(self.eps)
-            xp.divide(m, tmp, out=tmp)
-            tmp *= f(step_size)
-            p -= tmp
-        parallel_rows(update, self.store.data.size, 1)
+    def update(self, a, b, lr, grad_scale, step_size):
+        """The update of the slice [a, b) of the buffers, with the bias correction folded into ``step_size``."""
+        p, g, m, v, tmp = (x[a:b] for x in (self.store.data, self.store.grad, self.m, self.v, self.tmp))
+        f, b1, b2 = p.dtype.type, self.beta1, self.beta2
+        if grad_scale != 1.0:
+            g *= f(grad_scale)
+        if self.weight_decay and self.decoupled:
+            p *= f(1.0 - lr * self.weight_decay)
+        elif self.weight_decay:
+            g += f(self.weight_decay) * p
+        v *= f(b2)
+        xp.multiply(g, g, out=tmp)
+        tmp *= f(1 - b2)
+        v += tmp
+        m *= f(b1)
+        g *= f(1 - b1)
+        m += g
+        xp.sqrt(v, out=tmp)
+        tmp += f(self.eps)
+        xp.divide(m, tmp, out=tmp)
+        tmp *= f(step_size)
+        p -= tmp
 
     def state_dict(self):
         arrays = {f"m.{k}": a for k, a in self.store.views_of(self.m).items()}
@@ -239,16 +240,32 @@ def averaging_start(train_cfg):
     return start if start is not None and start < train_cfg.epochs else None
 
 
-def make_optimizer(train_cfg, store):
+class Optimizers(NamedTuple):
+    """The optimizer classes ``make_optimizer`` picks from (lmtrain.fast has the fused kernels' versions)."""
+
+    SGD: type
+    AveragedSGD: type
+    Adam: type
+
+
+REFERENCE = Optimizers(SGD, AveragedSGD, Adam)
+
+
+def make_optimizer(train_cfg, store, classes=REFERENCE):
     t = train_cfg
     average_from = averaging_start(t)
     if t.optimizer == "sgd" and average_from is None:
-        return SGD(store, momentum=t.momentum, weight_decay=t.weight_decay)
+        return classes.SGD(store, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer in ("sgd", "ntasgd"):
-        return AveragedSGD(store, nonmono=t.nonmono if t.optimizer == "ntasgd" else None,
-                           average_from=average_from, weight_decay=t.weight_decay)
-    return Adam(store, beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay,
-                decoupled=t.optimizer == "adamw")
+        return classes.AveragedSGD(
+            store,
+            nonmono=t.nonmono if t.optimizer == "ntasgd" else None,
+            average_from=average_from,
+            weight_decay=t.weight_decay,
+        )
+    return classes.Adam(
+        store, beta1=t.beta1, beta2=t.beta2, eps=t.eps, weight_decay=t.weight_decay, decoupled=t.optimizer == "adamw"
+    )
 
 
 # The fraction of (lr - min_lr) left when a fraction p of the run is done.  The straight line spends less
@@ -297,9 +314,8 @@ class LRSchedule:
         return self.lr
 
     def state_dict(self):
-        return {"lr": self.lr, "best": self.best, "bad_epochs": self.bad_epochs}
+        return {"arrays": {}, "scalars": {"lr": self.lr, "best": self.best, "bad_epochs": self.bad_epochs}}
 
     def load_state_dict(self, state):
-        self.lr = state["lr"]
-        self.best = state["best"]
-        self.bad_epochs = state["bad_epochs"]
+        sc = state["scalars"]
+        self.lr, self.best, self.bad_epochs = sc["lr"], sc["best"], sc["bad_epochs"]

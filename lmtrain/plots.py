@@ -3,6 +3,7 @@
 Every function returns the path it wrote, or None when matplotlib is not
 installed: the commands print their tables either way.
 """
+
 import json
 import os
 
@@ -18,6 +19,7 @@ def _pyplot():
         return None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -39,8 +41,12 @@ def read_metrics(run_dir):
 def run_curves(run_dir):
     """{"train": [(step, elapsed_s, ppl)], "valid": [...], "test": ppl or None} of a run."""
     events = read_metrics(run_dir)
-    pick = lambda kind: [(e["step"], e["elapsed_s"], e["ppl"]) for e in events  # noqa: E731
-                         if e.get("event") == kind and e.get("ppl") is not None]
+
+    def pick(kind):
+        return [
+            (e["step"], e["elapsed_s"], e["ppl"]) for e in events if e.get("event") == kind and e.get("ppl") is not None
+        ]
+
     test = [e["ppl"] for e in events if e.get("event") == "test"]
     return {"train": pick("train"), "valid": pick("valid"), "test": test[-1] if test else None}
 
@@ -55,11 +61,23 @@ def plot_runs(run_dirs, out):
     for (name, c), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
         for ax, x in ((axes[0], 0), (axes[1], 1)):
             if c["train"]:
-                ax.plot([r[x] for r in c["train"]], [r[2] for r in c["train"]], color=color, alpha=0.35, lw=1,
-                        label=f"{name} train")
+                ax.plot(
+                    [r[x] for r in c["train"]],
+                    [r[2] for r in c["train"]],
+                    color=color,
+                    alpha=0.35,
+                    lw=1,
+                    label=f"{name} train",
+                )
             if c["valid"]:
-                ax.plot([r[x] for r in c["valid"]], [r[2] for r in c["valid"]], color=color, marker="o", lw=2,
-                        label=f"{name} valid" + (f" (test {c['test']:.4g})" if c["test"] else ""))
+                ax.plot(
+                    [r[x] for r in c["valid"]],
+                    [r[2] for r in c["valid"]],
+                    color=color,
+                    marker="o",
+                    lw=2,
+                    label=f"{name} valid" + (f" (test {c['test']:.4g})" if c["test"] else ""),
+                )
     for ax, label in ((axes[0], "optimizer steps"), (axes[1], "elapsed seconds")):
         ax.set_xlabel(label)
         ax.set_ylabel("perplexity")
@@ -87,7 +105,7 @@ def plot_recall(results, out, seeds=None):
         if label not in grouped:
             ax.plot(distances, [r["accuracy"] for r in rows], marker="o", label=label)
     for name, g in (seeds or {}).items():
-        line, = ax.plot(distances, g["median"], marker="o", label=f"{name}: median, range shaded")
+        (line,) = ax.plot(distances, g["median"], marker="o", label=f"{name}: median, range shaded")
         ax.fill_between(distances, g["min"], g["max"], color=line.get_color(), alpha=0.2)
     chance = next(iter(results.values()))[0]["chance"]
     ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance ({chance:.2f})")

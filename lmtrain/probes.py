@@ -8,15 +8,16 @@ gradflow: for a loss at the last step of a window, the norm of its gradient
     earlier, averaged over windows of real data, and the fitted per-step
     log-decay rate: the slope of log(norm) against k.
 """
+
 import json
 
 import numpy as np
 
-from lmtrain.backend import to_numpy, xp
+from lmtrain.backend import to_numpy
 from lmtrain.data import synthetic
-from lmtrain.data.batching import eval_streams, get_batch
+from lmtrain.data.batching import eval_streams
 from lmtrain.errors import LmtrainError
-from lmtrain.generate import _feed
+from lmtrain.evaluation import feed, stream
 
 PROBE_STREAM = 3  # the synthetic corpus' "probe" stream: never part of train, valid or test
 
@@ -38,18 +39,20 @@ def _story_ids(vocab, tokens):
     return vocab.encode([vocab.normalize(t) for t in tokens])
 
 
-def _stream_hits(model, vocab, stories):
+def stream_hits(model, vocab, stories):
     """Stories read one after another, state carried, as in training: correct answers after the first story."""
     ids, answers = [vocab.eos_id], []
     for tokens, answer in stories:
         answers.append(len(ids) + answer)
         ids.extend(_story_ids(vocab, tokens))
         ids.append(vocab.eos_id)
-    ids = np.asarray(ids, np.int32)
-    state, preds = model.init_state(1), []
-    for i in range(0, len(ids) - 1, 512):
-        out, state = model.forward(xp.asarray(ids[i:i + 512][:, None]), state)
-        preds.append(to_numpy(model.scores(out).argmax(axis=1)))
+    preds = []
+    stream(
+        model,
+        np.asarray(ids, np.int32)[:, None],
+        512,
+        on_window=lambda w: preds.append(to_numpy(model.scores(w.out).argmax(axis=1))),
+    )
     preds = np.concatenate(preds)
     return sum(int(preds[p - 1] == ids[p]) for p in answers[1:])  # the first story has no context
 
@@ -59,7 +62,7 @@ def _prompt_hits(model, vocab, stories):
     hits = 0
     for tokens, answer in stories:
         prompt = [vocab.eos_id] + list(_story_ids(vocab, tokens[:answer]))
-        logits, _ = _feed(model, prompt, model.init_state(1))
+        logits, _ = feed(model, prompt, model.init_state(1))
         hits += vocab.words[int(np.argmax(logits))] == vocab.normalize(tokens[answer])
     return hits
 
@@ -72,18 +75,21 @@ def recall(model, vocab, cfg, distances, n=200, mode="stream"):
     "prompt": each story alone from an empty state, as `lmtrain generate`.
     """
     if cfg.data.source != "synthetic":
-        raise LmtrainError(f"the recall probe needs a model trained on the built-in stories "
-                           f"(data.source: synthetic); this one was trained on '{cfg.data.source}'")
+        raise LmtrainError(
+            f"the recall probe needs a model trained on the built-in stories "
+            f"(data.source: synthetic); this one was trained on '{cfg.data.source}'"
+        )
     synth = cfg.data.synthetic
     train = set(synthetic.generate_lines(synth, "train"))
     rows = []
     for d in distances:
         if mode == "stream":
-            hits = _stream_hits(model, vocab, held_out_stories(synth, d, n + 1, train))
+            hits = stream_hits(model, vocab, held_out_stories(synth, d, n + 1, train))
         else:
             hits = _prompt_hits(model, vocab, held_out_stories(synth, d, n, train))
-        rows.append({"distance": d, "accuracy": hits / n, "stories": n, "mode": mode,
-                     "chance": 1.0 / (synth.num_names - 1)})
+        rows.append(
+            {"distance": d, "accuracy": hits / n, "stories": n, "mode": mode, "chance": 1.0 / (synth.num_names - 1)}
+        )
     return rows
 
 
@@ -108,36 +114,32 @@ def gradflow(model, ids, steps=100, batches=10, batch_size=20, layer=-1):
     ``batch_size`` streams; the state carries from one window to the next
     without gradient, as in evaluation, so each window starts from a realistic
     state.  k = 0 is the state after the last input, k = steps the state the
-    window started from.
+    window started from.  The model must have the reference layers (the step hook of
+    ``Recurrent.backward`` reads the gradient at every step, which the fast path's kernels never form).
     """
     data, _ = eval_streams(ids, batch_size)
     T = steps
     if len(data) - 1 < T:
-        raise LmtrainError(f"--steps {steps} needs windows of {T} tokens per stream, but the data gives "
-                           f"{len(data) - 1} per stream over {batch_size} streams")
-    cell = model.rnns[layer].cell
-    sums, count = {}, 0
-    state = model.init_state(batch_size)
-    weights = np.zeros((T, batch_size), np.float32)
-    weights[-1] = 1.0  # the loss of the last step only
-    for w in range(min(batches, (len(data) - 1) // T)):
-        x, y = get_batch(data, w * T, T)
-        start = [tuple(s.copy() for s in layer_state) for layer_state in state]
-        logits, state = model.forward(xp.asarray(x), start, train=False)
-        model.loss(logits, xp.asarray(y), xp.asarray(weights))
-        cell.probe = []
-        try:
-            dstate0 = model.backward()[layer]
-            records = cell.probe  # last step first: record k is k steps before the loss
-        finally:
-            cell.probe = None
+        raise LmtrainError(
+            f"--steps {steps} needs windows of {T} tokens per stream, but the data gives "
+            f"{len(data) - 1} per stream over {batch_size} streams"
+        )
+    n = min(batches, (len(data) - 1) // T)
+    weights = np.zeros((n * T, batch_size), np.float32)
+    weights[T - 1 :: T] = 1.0  # the loss of each window's last step only
+    sums = {}
+
+    def probe(window):
+        records = []  # last step first: record k is k steps before the loss
+        dstate0 = model.backward(step_hooks={layer: lambda t, grads: records.append(grads)})[layer]
         records.append(dict(zip(records[0], dstate0)))  # k = steps: the window's initial state
         for k, rec in enumerate(records):
             for name, g in rec.items():
                 norms = np.linalg.norm(to_numpy(g).astype(np.float64), axis=1)
                 sums.setdefault(name, np.zeros(T + 1))[k] += norms.mean()
-        count += 1
-    return {name: s / count for name, s in sums.items()}
+
+    stream(model, data[: n * T + 1], T, weights, on_window=probe, grad=True)
+    return {name: s / n for name, s in sums.items()}
 
 
 def decay_rate(norms, skip=1):

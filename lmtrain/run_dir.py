@@ -7,6 +7,7 @@
 
 Only the process that writes (rank 0 under MPI) touches it.
 """
+
 import glob
 import json
 import os
@@ -21,8 +22,10 @@ def prepare_run_dir(run_dir, overwrite, resume):
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     used = [p for p in ("metrics.jsonl", "checkpoints") if os.path.exists(os.path.join(run_dir, p))]
     if used and not (overwrite or resume):
-        raise LmtrainError(f"run directory {run_dir} already holds a run ({used[0]}); pass --resume to continue "
-                           f"it, --overwrite to replace it, or --run-dir to choose another")
+        raise LmtrainError(
+            f"run directory {run_dir} already holds a run ({used[0]}); pass --resume to continue "
+            f"it, --overwrite to replace it, or --run-dir to choose another"
+        )
     if used and overwrite:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         path = os.path.join(run_dir, "metrics.jsonl")

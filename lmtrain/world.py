@@ -11,6 +11,7 @@ itself through mpi4py: the launchers set environment variables (PMI_*,
 OMPI_*, PMIX_*) that say a process was started as one of several.  The
 engine is MPI's; nothing here moves bytes itself.
 """
+
 import os
 import sys
 
@@ -126,6 +127,7 @@ class MPIWorld(World):
 
     def _reduce(self, values, op):
         import numpy as np
+
         buf = np.asarray(values, dtype=np.float64).copy()
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=op)
         return buf.tolist()
@@ -190,6 +192,7 @@ def supervise_rank(echo):
     import ctypes
     import signal
     import socket
+
     rank = next((os.environ[v] for v in LAUNCHER_RANK_VARS if os.environ.get(v, "").isdigit()), "?")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -208,9 +211,11 @@ def supervise_rank(echo):
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        echo(f"error: rank {rank} of {size} (pid {child} on {socket.gethostname()}) was killed by "
-             f"{signal.Signals(sig).name}{' (out of memory?)' if sig == signal.SIGKILL else ''}; the launcher "
-             f"stops the other ranks. The last checkpoint is intact: rerun the same command with --resume")
+        echo(
+            f"error: rank {rank} of {size} (pid {child} on {socket.gethostname()}) was killed by "
+            f"{signal.Signals(sig).name}{' (out of memory?)' if sig == signal.SIGKILL else ''}; the launcher "
+            f"stops the other ranks. The last checkpoint is intact: rerun the same command with --resume"
+        )
         os._exit(128 + sig)
     os._exit(os.waitstatus_to_exitcode(status))
 
@@ -239,8 +244,10 @@ def _make_world():
         from mpi4py import MPI
     except ImportError:
         if size > 1:
-            raise LmtrainError(f"started by an MPI launcher as one of {size} processes, but mpi4py is not "
-                               f"installed: pip install -e '.[mpi]' (or run lmtrain without mpiexec)") from None
+            raise LmtrainError(
+                f"started by an MPI launcher as one of {size} processes, but mpi4py is not "
+                f"installed: pip install -e '.[mpi]' (or run lmtrain without mpiexec)"
+            ) from None
         return World()
     comm = MPI.COMM_WORLD
     return MPIWorld(comm, MPI) if comm.Get_size() > 1 else World()

@@ -2,8 +2,9 @@ import importlib
 import os
 from pathlib import Path
 
-import lmtrain  # noqa: F401  before numpy, as the CLI imports it: it sets OpenBLAS's thread timeout
 import pytest
+
+import lmtrain  # noqa: F401  before numpy, as the CLI imports it: it sets how OpenBLAS's idle threads wait
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,20 +37,25 @@ def optional(module, what):
 
 @pytest.fixture
 def on_path(monkeypatch):
-    """``on_path(name)`` switches the element-wise path ("numpy" or "numba") for the rest of the test."""
-    from lmtrain import backend
-    monkeypatch.delenv("LMTRAIN_KERNELS", raising=False)
-    monkeypatch.setattr(backend, "_fused", backend._fused)  # restored after the test
-    return backend.use_kernels
+    """``on_path(name)`` chooses the path, "numpy" (the reference) or "numba" (lmtrain/fast/), for the rest of
+    the test: it returns the path's classes (``lmtrain.build.Path``), and the runs the test starts take it too
+    (through LMTRAIN_KERNELS)."""
+    from lmtrain import build
+
+    def choose(name):
+        monkeypatch.setenv("LMTRAIN_KERNELS", name)
+        return build.path(name)
+
+    return choose
 
 
 @pytest.fixture(params=["numpy", "numba"])
 def each_path(request, on_path):
-    """Run the test on the numpy path and on the fused kernels (numba, the fast extra) in turn."""
+    """Run the test on the numpy reference and on the fused kernels (numba, the fast extra) in turn; the
+    path's classes (``lmtrain.build.Path``)."""
     if request.param == "numba":
         optional("numba", "pip install -e '.[fast]'")  # inside a fixture: skips (or fails) this test alone
-    on_path(request.param)
-    return request.param
+    return on_path(request.param)
 
 
 @pytest.fixture

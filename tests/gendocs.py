@@ -1,17 +1,25 @@
 """Regenerate the generated tables of docs/: `make docs`."""
+
 from lmtrain.config import reference_table
+from lmtrain.nn.layout import table as parameter_table
 from tests.bad_inputs import markdown
 
 MARK = "<!-- the table below is generated: make docs -->\n"
+END = "<!-- end of the generated table -->\n"
 
 
 def replace_table(path, table):
+    """Replace what follows MARK in ``path``, up to END where there is one, else to the end of the file."""
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
+    start = text.index(MARK) + len(MARK)
+    end = text.index(END, start) if END in text[start:] else len(text)
+    rest = text[end:] if end < len(text) else ""
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text[:text.index(MARK) + len(MARK)] + table + "\n")
+        fh.write(text[:start] + table + "\n" + rest)
 
 
 if __name__ == "__main__":
     replace_table("docs/configuration.md", reference_table())
+    replace_table("docs/checkpoint-format.md", parameter_table())
     replace_table("docs/reliability.md", markdown())

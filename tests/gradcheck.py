@@ -1,4 +1,5 @@
 """Central finite differences in float64, for checking every backward pass."""
+
 import numpy as np
 
 

@@ -1,4 +1,5 @@
 """The neural cache and dynamic evaluation (lmtrain/adapt.py): identities, a brute-force reference, the CLI."""
+
 import json
 import os
 
@@ -6,16 +7,19 @@ import numpy as np
 import pytest
 
 from lmtrain import adapt
-from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
+from lmtrain.build import model_from_checkpoint
+from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import load_config
 from lmtrain.data.sources import load_corpus
-from lmtrain.train import evaluate, fit
+from lmtrain.evaluation import evaluate
+from lmtrain.training import fit
 from tests.test_cli import assert_one_line_error, lmtrain
 
 
 def trained(root, overrides=()):
     """A tiny trained run: (checkpoint path, model in float64, corpus)."""
     from tests.conftest import TINY
+
     (root / "tiny.yaml").write_text(TINY)
     fit(load_config(root / "tiny.yaml", list(overrides)), str(root / "run"), quiet=True)
     ckpt = root / "run" / "checkpoints" / "best.npz"
@@ -32,9 +36,16 @@ def run(tmp_path_factory):
 def adaptive_run(tmp_path_factory):
     """The same with the adaptive softmax the speedrun preset trains (tied, tails tied too): its scores are
     exact log-probabilities, not logits, and its backward is the adaptive head's and tail's."""
-    return trained(tmp_path_factory.mktemp("adapt-adaptive"),
-                   ["model.softmax=adaptive", "model.adaptive_cutoffs=[8]", "model.tie_weights=true",
-                    "model.adaptive_div=1", "model.adaptive_tie_tails=true"])
+    return trained(
+        tmp_path_factory.mktemp("adapt-adaptive"),
+        [
+            "model.softmax=adaptive",
+            "model.adaptive_cutoffs=[8]",
+            "model.tie_weights=true",
+            "model.adaptive_div=1",
+            "model.adaptive_tie_tails=true",
+        ],
+    )
 
 
 both_heads = pytest.mark.parametrize("head", ["run", "adaptive_run"])
@@ -71,9 +82,9 @@ def test_cache_probabilities_sum_to_1_and_match_a_brute_force_cache():
     cache = adapt.NeuralCache(window, theta)
     got_target, got_dist = [], []
     for a in range(0, n, 5):  # windows of 5 rows, as evaluation feeds them
-        w, words = cache.weights(h[a:a + 5], targets[a:a + 5])
+        w, words = cache.weights(h[a : a + 5], targets[a : a + 5])
         got_dist.append(adapt.distribution(w, words, V))
-        got_target.append((w * (words[None, :] == targets[a:a + 5, None])).sum(axis=1))
+        got_target.append((w * (words[None, :] == targets[a : a + 5, None])).sum(axis=1))
     dist, target = np.concatenate(got_dist), np.concatenate(got_target)
     for t in range(n):  # the definition, position by position
         seen = range(max(0, t - window), t)
@@ -86,7 +97,7 @@ def test_cache_probabilities_sum_to_1_and_match_a_brute_force_cache():
         assert target[t] == pytest.approx(ref[targets[t]], abs=1e-12)
         mixed = (1 - lam) * p_model[t] + lam * dist[t] if seen else p_model[t]
         assert mixed.sum() == pytest.approx(1.0, abs=1e-12)
-        gain = adapt.mixture_gain(target[t:t + 1], np.array([bool(seen)]), np.log(p_model[t, targets[t]]), lam)[0]
+        gain = adapt.mixture_gain(target[t : t + 1], np.array([bool(seen)]), np.log(p_model[t, targets[t]]), lam)[0]
         assert np.log(p_model[t, targets[t]]) + gain == pytest.approx(np.log(mixed[targets[t]]), abs=1e-12)
 
 
@@ -116,8 +127,14 @@ def test_cache_tuner_grows_the_grid_past_a_winning_edge(run):
     inside the values tried, or it has grown ``extend`` times."""
     _, model, corpus = run
     extend = 3
-    rows, _ = adapt.tune_cache(model, corpus.valid, 10, grid=dict(window=(20,), theta=(0.5, 1.0),
-                                                                  lam=(0.1, 0.2)), extend=extend, progress=False)
+    rows, _ = adapt.tune_cache(
+        model,
+        corpus.valid,
+        10,
+        grid=dict(window=(20,), theta=(0.5, 1.0), lam=(0.1, 0.2)),
+        extend=extend,
+        progress=False,
+    )
     best = rows[0]
     assert {r["window"] for r in rows} == {20}
     for axis in ("theta", "lam"):
@@ -135,8 +152,9 @@ def test_dynamic_tuner_grows_past_a_winning_edge(run):
     _, model, corpus = run
     extend = 3
     ms = np.random.default_rng(1).uniform(0.5, 2.0, model.store.data.shape)
-    rows, _ = adapt.tune_dynamic(model, corpus.valid[:300], 5, ms, lrs=(1e-4, 3e-4), decays=(0.0, 0.01),
-                                 refine=(), extend=extend, progress=False)
+    rows, _ = adapt.tune_dynamic(
+        model, corpus.valid[:300], 5, ms, lrs=(1e-4, 3e-4), decays=(0.0, 0.01), refine=(), extend=extend, progress=False
+    )
     best = rows[0]
     lrs, decays = sorted({r["lr"] for r in rows}), sorted({r["decay"] for r in rows})
     assert len(lrs) > 2
@@ -156,9 +174,9 @@ def test_dynamic_evaluation_scores_each_segment_before_adapting_to_it(head, requ
     theta0 = model.store.data.copy()
     state, losses = model.init_state(1), []
     for a in (0, seg):
-        x, y = ids[a:a + seg, None], ids[a + 1:a + seg + 1, None]
+        x, y = ids[a : a + seg, None], ids[a + 1 : a + seg + 1, None]
         out, state = model.forward(x, state)
-        losses.append(model.loss(out, y) * seg)
+        losses.append(model.loss(out, y).mean * seg)
         model.backward()
         rms = np.sqrt(ms)
         p = model.store.data
@@ -176,8 +194,9 @@ def test_a_diverging_setting_ranks_last(run):
     _, model, corpus = run
     ms = np.full(model.store.data.shape, 1e-12)
     with np.errstate(all="ignore"):
-        rows, _ = adapt.tune_dynamic(model, corpus.valid[:300], 5, ms, lrs=(np.inf, 1e-4), decays=(0.0, 0.01),
-                                     extend=0, progress=False)
+        rows, _ = adapt.tune_dynamic(
+            model, corpus.valid[:300], 5, ms, lrs=(np.inf, 1e-4), decays=(0.0, 0.01), extend=0, progress=False
+        )
     assert rows[-1]["lr"] == np.inf and np.isnan(rows[-1]["ppl"])
     assert np.isfinite(rows[0]["ppl"]) and rows[0]["lr"] in (1e-4, 5e-5, 2e-4)
     # the coordinate search (2 rates, then the other decay at the best rate), then half and twice the best
@@ -206,8 +225,9 @@ def test_gradient_statistics_are_cached_under_the_checkpoint_checksum(run, monke
 
 def test_eval_prints_base_cache_and_dynamic_side_by_side(run):
     ckpt = run[0]
-    out = json.loads(lmtrain("eval", "--ckpt", ckpt, "--split", "valid", "--cache", "--dynamic", "--json",
-                             check=0).stdout)
+    out = json.loads(
+        lmtrain("eval", "--ckpt", ckpt, "--split", "valid", "--cache", "--dynamic", "--json", check=0).stdout
+    )
     assert set(out["results"]) == {"base", "cache", "dynamic", "dynamic+cache"}
     assert out["cache"]["window"] == 500 and out["dynamic"]["lr"] == 3e-4
     for r in out["results"].values():
@@ -221,7 +241,7 @@ def test_tune_eval_never_reads_the_test_split(run, tmp_path):
     """The tuner runs in a process where touching the test split raises."""
     ckpt = run[0]
     script = tmp_path / "guarded.py"
-    script.write_text(f"""
+    script.write_text("""
 import sys
 import lmtrain.data.corpus as corpus
 class Forbidden:
@@ -241,14 +261,19 @@ main(sys.argv[1:])
 """)
     import subprocess
     import sys
+
     for method in ("cache", "dynamic"):
-        proc = subprocess.run([sys.executable, str(script), "tune-eval", "--ckpt", str(ckpt), "--method", method,
-                               "--json"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, str(script), "tune-eval", "--ckpt", str(ckpt), "--method", method, "--json"],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert out["split"] == "valid" and out["best"]["ppl"] == min(r["ppl"] for r in out["trials"])
         assert "--split test" in out["command"] and f"--{method}" in out["command"]
     # the guard works: plain evaluation of the test split through it fails
-    proc = subprocess.run([sys.executable, str(script), "eval", "--ckpt", str(ckpt), "--split", "test"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), "eval", "--ckpt", str(ckpt), "--split", "test"], capture_output=True, text=True
+    )
     assert proc.returncode != 0 and "the test split was read" in proc.stderr + proc.stdout

@@ -3,40 +3,44 @@
 Its backward is checked by finite differences in tests/test_gradients.py, and against PyTorch's
 AdaptiveLogSoftmaxWithLoss in tests/test_against_torch.py.
 """
+
 import json
 
 import numpy as np
 import pytest
 
-from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from lmtrain.build import model_from_checkpoint
+from lmtrain.checkpoint import load_checkpoint, save_checkpoint
 from lmtrain.config import ModelConfig, from_dict
 from lmtrain.data.batching import eval_streams
 from lmtrain.data.vocab import Vocab
 from lmtrain.errors import ConfigError
-from lmtrain.nn.adaptive import AdaptiveSoftmax, tail_shapes
-from lmtrain.nn.layers import Linear, SoftmaxCrossEntropy
-from lmtrain.nn.model import LanguageModel
-from lmtrain.train import evaluate
+from lmtrain.evaluation import evaluate
+from lmtrain.nn.adaptive import tail_shapes
+from lmtrain.nn.layers import SoftmaxCrossEntropy
+from lmtrain.nn.model import REFERENCE, LanguageModel
 
 
-def adaptive_layer(d, V, cutoffs, div, seed, tied_head=False, scale=1.0):
+def adaptive_layer(d, V, cutoffs, div, seed, tied_head=False, scale=1.0, layers=REFERENCE):
     """An AdaptiveSoftmax with random float64 parameters; ``tied_head``: its head block transposed, as when
-    its word rows are embedding rows."""
+    its word rows are embedding rows; ``layers``: the classes it is made of."""
     rng = np.random.default_rng(seed)
     width = len(cutoffs) + cutoffs[0]
     head = rng.standard_normal((width, d + 1) if tied_head else (d + 1, width)) * scale
     tails = []
     for units, words in tail_shapes(d, V, cutoffs, div):
         P = rng.standard_normal((d, units)) * scale
-        tails.append((P, np.zeros_like(P), Linear(rng.standard_normal((units + 1, words)) * scale)))
-    return AdaptiveSoftmax(cutoffs, V, Linear(head, transposed=tied_head), tails)
+        tails.append((P, np.zeros_like(P), layers.Linear(rng.standard_normal((units + 1, words)) * scale)))
+    return layers.AdaptiveSoftmax(
+        cutoffs, V, layers.Linear(head, transposed=tied_head), tails, loss=layers.SoftmaxCrossEntropy
+    )
 
 
 CASES = [  # (d, V, cutoffs, div, tied head)
     (8, 50, [10], 4.0, False),
     (8, 50, [5, 20, 30], 2.0, True),
     (16, 300, [1, 2, 100], 4.0, False),  # a one-word head and a one-word cluster
-    (3, 40, [20, 39], 8.0, False),       # projections of 1 unit; a last cluster of one word
+    (3, 40, [20, 39], 8.0, False),  # projections of 1 unit; a last cluster of one word
 ]
 
 
@@ -92,8 +96,9 @@ def test_log_probs_leave_the_training_buffers_alone():
 
 
 def adaptive_config(tied=False, **extra):
-    return ModelConfig(emb_size=8, hidden_size=8, num_layers=1, tie_weights=tied, softmax="adaptive",
-                       adaptive_cutoffs=[6, 15], **extra)
+    return ModelConfig(
+        emb_size=8, hidden_size=8, num_layers=1, tie_weights=tied, softmax="adaptive", adaptive_cutoffs=[6, 15], **extra
+    )
 
 
 @pytest.mark.parametrize("tied,tie_tails", [(False, False), (True, False), (True, True)])
@@ -114,7 +119,7 @@ def test_the_model_scores_and_evaluates_exactly(tied, tie_tails):
     data, weights = eval_streams(ids, 7)
     nll = 0.0
     for b in range(7):
-        out, _ = model.forward(data[:-1, b:b + 1], model.init_state(1))
+        out, _ = model.forward(data[:-1, b : b + 1], model.init_state(1))
         nll -= (weights[:, b] * model.scores(out)[np.arange(len(data) - 1), data[1:, b]]).sum()
     assert count == len(ids) - 1 == weights.sum() < weights.size
     assert loss == pytest.approx(nll / count, rel=1e-10)
@@ -168,19 +173,29 @@ def test_config_rules():
     ok = from_dict({"model": {"softmax": "adaptive", "adaptive_cutoffs": [20, 60]}})
     assert ok.model.adaptive_cutoffs == [20, 60] and ok.model.adaptive_div == 4.0
     assert from_dict({}).model.softmax == "full"
-    for cutoffs, message in [(None, "needs model.adaptive_cutoffs"), ([], "needs model.adaptive_cutoffs"),
-                             ([20, 20], "strictly increasing"), ([60, 20], "strictly increasing"),
-                             ([0, 20], r"'model.adaptive_cutoffs\[0\]' must be at least 1"),
-                             ([20, "x"], r"'model.adaptive_cutoffs\[1\]' must be an integer"),
-                             (2000, "must be a list of integers or null")]:
+    for cutoffs, message in [
+        (None, "needs model.adaptive_cutoffs"),
+        ([], "needs model.adaptive_cutoffs"),
+        ([20, 20], "strictly increasing"),
+        ([60, 20], "strictly increasing"),
+        ([0, 20], r"'model.adaptive_cutoffs\[0\]' must be at least 1"),
+        ([20, "x"], r"'model.adaptive_cutoffs\[1\]' must be an integer"),
+        (2000, "must be a list of integers or null"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             from_dict({"model": {"softmax": "adaptive", "adaptive_cutoffs": cutoffs}})
-    tied = {"softmax": "adaptive", "adaptive_cutoffs": [20], "tie_weights": True, "adaptive_div": 1,
-            "adaptive_tie_tails": True}
+    tied = {
+        "softmax": "adaptive",
+        "adaptive_cutoffs": [20],
+        "tie_weights": True,
+        "adaptive_div": 1,
+        "adaptive_tie_tails": True,
+    }
     assert from_dict({"model": tied}).model.adaptive_tie_tails
     for change in [{"tie_weights": False}, {"adaptive_div": 2}]:
-        with pytest.raises(ConfigError, match="adaptive_tie_tails .* needs model.tie_weights true and "
-                                              "model.adaptive_div 1"):
+        with pytest.raises(
+            ConfigError, match="adaptive_tie_tails .* needs model.tie_weights true and model.adaptive_div 1"
+        ):
             from_dict({"model": {**tied, **change}})
     # as the other adaptive_* keys, ignored under the full softmax: `--set model.softmax=full` is enough
     # to compare the speedrun preset with the full softmax
@@ -189,9 +204,20 @@ def test_config_rules():
 
 @pytest.mark.parametrize("tied,tie_tails", [(False, False), (True, False), (True, True)])
 def test_checkpoint_round_trip(tmp_path, tied, tie_tails):
-    cfg = from_dict({"model": {"emb_size": 8, "hidden_size": 8, "tie_weights": tied, "softmax": "adaptive",
-                               "adaptive_cutoffs": [3, 5], "adaptive_div": 1 if tie_tails else 2,
-                               "adaptive_tie_tails": tie_tails, "init": "pytorch"}})  # biases not 0
+    cfg = from_dict(
+        {
+            "model": {
+                "emb_size": 8,
+                "hidden_size": 8,
+                "tie_weights": tied,
+                "softmax": "adaptive",
+                "adaptive_cutoffs": [3, 5],
+                "adaptive_div": 1 if tie_tails else 2,
+                "adaptive_tie_tails": tie_tails,
+                "init": "pytorch",
+            }
+        }
+    )  # biases not 0
     vocab = Vocab(["<eos>", "<unk>"] + [f"w{i}" for i in range(8)])
     model = LanguageModel(cfg.model, len(vocab), seed=2)
     save_checkpoint(tmp_path / "a.npz", model.params, {"config": cfg.to_dict(), "vocab": vocab.to_dict()})
@@ -201,11 +227,14 @@ def test_checkpoint_round_trip(tmp_path, tied, tie_tails):
         np.testing.assert_array_equal(again.params[name], p)
     # docs/checkpoint-format.md's recipe, on the file's arrays, gives the model's log-probabilities
     with np.load(tmp_path / "a.npz", allow_pickle=False) as z:
-        a = {k[len("param/"):]: z[k].astype(np.float64) for k in z.files if k.startswith("param/")}
+        a = {k[len("param/") :]: z[k].astype(np.float64) for k in z.files if k.startswith("param/")}
     K, (c0, c1), V = 2, (3, 5), len(vocab)
     x = np.random.default_rng(3).standard_normal((4, 8))
-    A = np.concatenate([a["adaptive.head.cluster_weight"], a["embedding.weight"][:c0]]).T if tied else \
-        a["adaptive.head.weight"]
+    A = (
+        np.concatenate([a["adaptive.head.cluster_weight"], a["embedding.weight"][:c0]]).T
+        if tied
+        else a["adaptive.head.weight"]
+    )
     log_softmax = lambda z: z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # noqa: E731
     head = log_softmax(x @ A + a["adaptive.head.bias"])
     logp = np.empty((4, V))
@@ -214,7 +243,7 @@ def test_checkpoint_round_trip(tmp_path, tied, tie_tails):
         T = a["embedding.weight"][lo:hi].T if tie_tails else a[f"adaptive.tail.{i}.weight"]
         u = x if tie_tails else x @ a[f"adaptive.tail.{i}.proj"]
         z = u @ T + a[f"adaptive.tail.{i}.bias"]
-        logp[:, lo:hi] = head[:, i:i + 1] + log_softmax(z)
+        logp[:, lo:hi] = head[:, i : i + 1] + log_softmax(z)
     np.testing.assert_allclose(model.scores(x.astype(np.float32)), logp, rtol=1e-5, atol=1e-5)
 
 
@@ -235,25 +264,78 @@ def test_a_checkpoint_from_before_the_adaptive_softmax_loads_as_full(tmp_path):
 def test_fit_eval_generate_and_probe_on_an_adaptive_model(tiny_config, tmp_path, tie_tails):
     """A tied adaptive model (the names fall in the first tail cluster) trains, and every command reads it."""
     from tests.test_cli import lmtrain
+
     run = tmp_path / "run"
     tails = ["--set", "model.adaptive_div=1", "--set", "model.adaptive_tie_tails=true"] if tie_tails else []
-    lmtrain("fit", tiny_config, "--run-dir", run, "--quiet", "--set", "model.softmax=adaptive",
-            "--set", "model.adaptive_cutoffs=[12,40]", "--set", "model.tie_weights=true", *tails, check=0)
+    lmtrain(
+        "fit",
+        tiny_config,
+        "--run-dir",
+        run,
+        "--quiet",
+        "--set",
+        "model.softmax=adaptive",
+        "--set",
+        "model.adaptive_cutoffs=[12,40]",
+        "--set",
+        "model.tie_weights=true",
+        *tails,
+        check=0,
+    )
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [e["loss"] for e in events if e["event"] == "train"]
     assert train[-1] < train[0] - 0.5, train  # from about log(72) = 4.3
     ckpt = run / "checkpoints" / "best.npz"
     out = json.loads(lmtrain("eval", "--ckpt", ckpt, "--json", check=0).stdout)
     assert out["ppl"] == pytest.approx(events[-1]["ppl"], rel=1e-9)
-    lines = lmtrain("generate", "--ckpt", ckpt, "--prompt", "mary said hi to", "--show-top", "3", "--greedy",
-                    "--max-tokens", "2", check=0).stdout.splitlines()
+    lines = lmtrain(
+        "generate",
+        "--ckpt",
+        ckpt,
+        "--prompt",
+        "mary said hi to",
+        "--show-top",
+        "3",
+        "--greedy",
+        "--max-tokens",
+        "2",
+        check=0,
+    ).stdout.splitlines()
     assert lines[0] == "most likely next words:" and len(lines) == 5
     top = [float(line.split()[-1]) for line in lines[1:4]]
     assert top == sorted(top, reverse=True) and 0 < sum(top) <= 1.0001
-    lmtrain("generate", "--ckpt", ckpt, "--prompt", "the", "--top-k", "5", "--top-p", "0.9", "--seed", "1",
-            "--max-tokens", "5", check=0)
-    recall = json.loads(lmtrain("probe", "recall", "--ckpt", ckpt, "--distances", "1,3", "--stories", "20",
-                                "--plot", tmp_path / "r.png", "--json", check=0).stdout)
+    lmtrain(
+        "generate",
+        "--ckpt",
+        ckpt,
+        "--prompt",
+        "the",
+        "--top-k",
+        "5",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+        "--max-tokens",
+        "5",
+        check=0,
+    )
+    recall = json.loads(
+        lmtrain(
+            "probe",
+            "recall",
+            "--ckpt",
+            ckpt,
+            "--distances",
+            "1,3",
+            "--stories",
+            "20",
+            "--plot",
+            tmp_path / "r.png",
+            "--json",
+            check=0,
+        ).stdout
+    )
     accuracy = next(iter(recall["models"].values()))["accuracy"]
     assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
 
@@ -261,12 +343,14 @@ def test_fit_eval_generate_and_probe_on_an_adaptive_model(tiny_config, tmp_path,
 def test_a_resumed_adaptive_run_logs_the_same_losses(tiny_config, tmp_path):
     """Tied, so the embedding rows past the head must be zeroed in every step's gradient, not carried."""
     from lmtrain.config import load_config
-    from lmtrain.train import fit
+    from lmtrain.training import fit
+
     sets = ["model.softmax=adaptive", "model.adaptive_cutoffs=[12,40]", "model.tie_weights=true"]
 
     def losses(run):
         events = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
         return [(e["event"], e["step"], e["loss"]) for e in events if e["event"] in ("train", "valid", "test")]
+
     fit(load_config(tiny_config, sets), tmp_path / "whole", quiet=True)
     fit(load_config(tiny_config, sets + ["train.epochs=1"]), tmp_path / "part", quiet=True)
     fit(load_config(tiny_config, sets), tmp_path / "part", resume="last", quiet=True)

@@ -1,4 +1,5 @@
 """The numpy model against PyTorch's nn.LSTM, an independent implementation (skipped without torch)."""
+
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ TORCH_ORDER = [1, 0, 3, 2]
 
 def to_torch_gates(w, H):
     """(D, 4H) in f,i,o,g column blocks -> (4H, D) in PyTorch's row blocks."""
-    blocks = [w[..., k * H:(k + 1) * H] for k in range(4)]
+    blocks = [w[..., k * H : (k + 1) * H] for k in range(4)]
     return np.concatenate([blocks[k] for k in TORCH_ORDER], axis=-1).T
 
 
@@ -41,7 +42,7 @@ class TorchLM(torch.nn.Module):
                 bias_hh = getattr(self.lstm, f"bias_hh_l{i}")
                 bias_hh.zero_()
                 if cfg.cell == "gru":
-                    bias_hh[2 * H:] = torch.from_numpy(p[f"rnn.{i}.bias_h"])
+                    bias_hh[2 * H :] = torch.from_numpy(p[f"rnn.{i}.bias_h"])
             if cfg.tie_weights:
                 self.dec.weight = self.emb.weight
             else:
@@ -53,12 +54,14 @@ class TorchLM(torch.nn.Module):
         return self.dec(out), state
 
 
-@pytest.mark.parametrize("tied,layers,cell", [(False, 1, "lstm"), (True, 2, "lstm"), (True, 2, "gru"),
-                                             (False, 2, "rnn")])
+@pytest.mark.parametrize(
+    "tied,layers,cell", [(False, 1, "lstm"), (True, 2, "lstm"), (True, 2, "gru"), (False, 2, "rnn")]
+)
 def test_training_matches_pytorch(tied, layers, cell):
     """Three windows of SGD with clipping, state carried: every loss agrees to float64 precision."""
-    cfg = ModelConfig(emb_size=16, hidden_size=16, num_layers=layers, tie_weights=tied, init="pytorch",
-                      forget_bias=1.0, cell=cell)
+    cfg = ModelConfig(
+        emb_size=16, hidden_size=16, num_layers=layers, tie_weights=tied, init="pytorch", forget_bias=1.0, cell=cell
+    )
     V, T, B = 50, 7, 4
     ours = LanguageModel(cfg, V, seed=5, dtype="float64")
     ref = TorchLM(ours, cfg, V)
@@ -66,7 +69,7 @@ def test_training_matches_pytorch(tied, layers, cell):
     H = cfg.hidden_size
     for i in range(layers):
         if cell == "gru":
-            getattr(ref.lstm, f"bias_hh_l{i}").register_hook(lambda g: torch.cat([g[:2 * H] * 0, g[2 * H:]]))
+            getattr(ref.lstm, f"bias_hh_l{i}").register_hook(lambda g: torch.cat([g[: 2 * H] * 0, g[2 * H :]]))
         else:
             getattr(ref.lstm, f"bias_hh_l{i}").requires_grad_(False)
     params = [p for p in ref.parameters() if p.requires_grad]
@@ -77,9 +80,9 @@ def test_training_matches_pytorch(tied, layers, cell):
     state = ours.init_state(B)
     tstate = None
     for k in range(3):
-        x, y = stream[k * T:(k + 1) * T], stream[k * T + 1:(k + 1) * T + 1]
+        x, y = stream[k * T : (k + 1) * T], stream[k * T + 1 : (k + 1) * T + 1]
         logits, state = ours.forward(x, state, train=True)
-        loss = ours.loss(logits, y)
+        loss = ours.loss(logits, y).mean
         ours.backward()
         norm = grad_norm(ours.store)
         sgd.step(0.5, clip_scale(norm, 0.1))
@@ -87,7 +90,9 @@ def test_training_matches_pytorch(tied, layers, cell):
         if tstate is not None:
             tstate = tuple(s.detach() for s in tstate) if isinstance(tstate, tuple) else tstate.detach()
         tlogits, tstate = ref(torch.from_numpy(x.astype(np.int64)), tstate)
-        tloss = torch.nn.functional.cross_entropy(tlogits.reshape(-1, V), torch.from_numpy(y.astype(np.int64)).reshape(-1))
+        tloss = torch.nn.functional.cross_entropy(
+            tlogits.reshape(-1, V), torch.from_numpy(y.astype(np.int64)).reshape(-1)
+        )
         opt.zero_grad()
         tloss.backward()
         tnorm = torch.nn.utils.clip_grad_norm_(params, 0.1)
@@ -105,6 +110,7 @@ def test_adaptive_softmax_matches_pytorch(tied_head):
     units as lmtrain's do.  Its tails have no bias; replacing each tail's output layer by one with a bias
     gives the equivalent model (its forward calls the tail modules as they are)."""
     from tests.test_adaptive import adaptive_layer
+
     d, V, cutoffs, div = 16, 60, [8, 20, 35], 2.0
     K = len(cutoffs)
     ours = adaptive_layer(d, V, cutoffs, div, seed=21, tied_head=tied_head)

@@ -1,4 +1,5 @@
 """Every bad input of tests/bad_inputs.py gets one line naming the problem and its exit code, never a traceback."""
+
 import os
 
 import pytest
@@ -26,6 +27,7 @@ def test_there_are_at_least_30_cases():
 
 def test_reliability_doc_lists_every_case():
     from tests.conftest import ROOT
+
     doc = (ROOT / "docs" / "reliability.md").read_text()
     for case in CASES:
         assert f"`test_bad_input[{case[0]}]`" in doc, case[0]

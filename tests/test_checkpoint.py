@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from lmtrain.build import model_from_checkpoint
+from lmtrain.checkpoint import load_checkpoint, save_checkpoint
 from lmtrain.config import from_dict
 from lmtrain.data.vocab import Vocab
 from lmtrain.errors import CheckpointError
@@ -100,8 +101,37 @@ def test_atomic_write_keeps_old_file_when_writing_fails(saved, monkeypatch):
 
     def fail(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(np.lib.format, "write_array", fail)
     with pytest.raises(Exception, match="No space left"):
         save_checkpoint(path, model.params, {"config": {}, "vocab": {}})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"cell": "lstm"},
+        {"cell": "gru", "num_layers": 2},
+        {"cell": "rnn", "tie_weights": True, "emb_size": 100},
+        {"softmax": "adaptive", "adaptive_cutoffs": [5, 9]},
+        {"softmax": "adaptive", "adaptive_cutoffs": [5], "tie_weights": True, "emb_size": 100},
+        {
+            "softmax": "adaptive",
+            "adaptive_cutoffs": [5, 9],
+            "tie_weights": True,
+            "emb_size": 100,
+            "adaptive_div": 1,
+            "adaptive_tie_tails": True,
+        },
+    ],
+)
+def test_every_parameter_is_documented_and_the_doc_is_in_step(model):
+    """docs/checkpoint-format.md's parameter table is lmtrain/nn/layout.py's, and names every parameter."""
+    from lmtrain.nn.layout import DOCS, doc_key, layout, table
+    from tests.conftest import ROOT
+
+    cfg = from_dict({"model": model}).model
+    assert {doc_key(p.name) for p in layout(cfg, 20).params} <= set(DOCS)
+    assert table() in (ROOT / "docs" / "checkpoint-format.md").read_text()

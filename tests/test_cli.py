@@ -1,4 +1,5 @@
 """The command line as a user runs it: real processes, real exit codes, one-line errors."""
+
 import json
 import os
 import subprocess
@@ -7,13 +8,17 @@ import sys
 import numpy as np
 import pytest
 
-from lmtrain.train import perplexity
+from lmtrain.evaluation import perplexity
 
 
 def lmtrain(*args, check=None, env=None):
     """Run the CLI in a subprocess; ``env``: variables set for it on top of this process's environment."""
-    proc = subprocess.run([sys.executable, "-m", "lmtrain", *map(str, args)], capture_output=True, text=True,
-                          env=None if env is None else {**os.environ, **env})
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmtrain", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=None if env is None else {**os.environ, **env},
+    )
     if check is not None:
         assert proc.returncode == check, proc.stderr
     return proc
@@ -49,8 +54,9 @@ def test_fit_writes_a_complete_run_directory(trained):
 def test_eval_reproduces_the_logged_test_perplexity(trained):
     run, _ = trained
     logged = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][-1]
-    out = json.loads(lmtrain("eval", "--ckpt", run / "checkpoints" / "best.npz", "--split", "test", "--json",
-                             check=0).stdout)
+    out = json.loads(
+        lmtrain("eval", "--ckpt", run / "checkpoints" / "best.npz", "--split", "test", "--json", check=0).stdout
+    )
     assert f"{out['ppl']:.4g}" == f"{logged['ppl']:.4g}"
     assert out["ppl"] == pytest.approx(logged["ppl"], rel=1e-9)
     assert out["tokens"] == logged["tokens"]
@@ -61,15 +67,29 @@ def test_eval_reproduces_the_logged_test_perplexity(trained):
 def test_eval_on_a_text_file(trained, tmp_path):
     run, _ = trained
     (tmp_path / "mine.txt").write_text("Tom said hi to Mary .\n")
-    out = json.loads(lmtrain("eval", "--ckpt", run / "checkpoints" / "best.npz", "--text", tmp_path / "mine.txt",
-                             "--json", check=0).stdout)
+    out = json.loads(
+        lmtrain(
+            "eval", "--ckpt", run / "checkpoints" / "best.npz", "--text", tmp_path / "mine.txt", "--json", check=0
+        ).stdout
+    )
     assert out["tokens"] == 7 - 1 and np.isfinite(out["ppl"])
 
 
 def test_generate_shows_top_words_and_uses_latest_run(trained):
     run, _ = trained
-    proc = lmtrain("generate", "--ckpt", run / "checkpoints" / "best.npz", "--prompt", "Mary said hi to",
-                   "--show-top", "3", "--greedy", "--max-tokens", "2", check=0)
+    proc = lmtrain(
+        "generate",
+        "--ckpt",
+        run / "checkpoints" / "best.npz",
+        "--prompt",
+        "Mary said hi to",
+        "--show-top",
+        "3",
+        "--greedy",
+        "--max-tokens",
+        "2",
+        check=0,
+    )
     lines = proc.stdout.splitlines()
     assert lines[0] == "most likely next words:" and len(lines) == 5
     assert lines[-1].startswith("mary said hi to ")
@@ -83,8 +103,9 @@ def test_generate_shows_top_words_and_uses_latest_run(trained):
 
 def test_unknown_prompt_words_are_reported(trained):
     run, _ = trained
-    proc = lmtrain("generate", "--ckpt", run / "checkpoints" / "best.npz", "--prompt", "zyzzyva said",
-                   "--max-tokens", "1", check=0)
+    proc = lmtrain(
+        "generate", "--ckpt", run / "checkpoints" / "best.npz", "--prompt", "zyzzyva said", "--max-tokens", "1", check=0
+    )
     assert "not in the vocabulary, read as <unk>: zyzzyva" in proc.stderr
 
 
@@ -104,11 +125,13 @@ def test_python_dash_m_and_version():
 def test_a_bad_input_in_a_real_process(tmp_path, trained):
     """tests/test_bad_inputs.py covers every case in-process; here two go through a real interpreter."""
     (tmp_path / "bad.yaml").write_text("train:\n  bach_size: 4\n")
-    assert_one_line_error(lmtrain("fit", tmp_path / "bad.yaml"),
-                          "unknown key 'train.bach_size'; did you mean 'train.batch_size'?")
+    assert_one_line_error(
+        lmtrain("fit", tmp_path / "bad.yaml"), "unknown key 'train.bach_size'; did you mean 'train.batch_size'?"
+    )
     run, _ = trained
-    assert_one_line_error(lmtrain("generate", "--ckpt", run / "checkpoints" / "best.npz", "--prompt", " "),
-                          "the prompt is empty")
+    assert_one_line_error(
+        lmtrain("generate", "--ckpt", run / "checkpoints" / "best.npz", "--prompt", " "), "the prompt is empty"
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -47,6 +47,7 @@ def test_read_tokens_rejects_bad_files(tmp_path):
 
 def test_a_line_longer_than_the_limit_is_refused(tmp_path, monkeypatch):
     from lmtrain.data import corpus
+
     monkeypatch.setattr(corpus, "MAX_LINE_BYTES", 1000)
     (tmp_path / "long.txt").write_text("short line\n" + "w " * 600 + "\n")
     with pytest.raises(DataError, match="line 2 is longer than"):
@@ -97,7 +98,7 @@ def test_synthetic_stories_are_deterministic_and_answerable():
         a, b = words[0], words[words.index("came") - 1]
         q = words.index("said")
         assert words[q - 1] == b and words[q + 3] == a and a != b
-        assert a not in words[1:q - 1]  # the name to remember is not repeated in between
+        assert a not in words[1 : q - 1]  # the name to remember is not repeated in between
 
 
 @pytest.mark.parametrize("distance", [0, 1, 2, 7, 40])
@@ -108,11 +109,12 @@ def test_synthetic_distance_is_exact(distance):
         second_end = tokens.index(".", tokens.index("came"))
         question = answer - 4
         assert question - (second_end + 1) == distance
-        assert not set(tokens[second_end + 1:question]) & set(synthetic.NAMES)
+        assert not set(tokens[second_end + 1 : question]) & set(synthetic.NAMES)
 
 
 def test_ptb_token_counts(ptb, tmp_path):
     from lmtrain.data.sources import ensure_ptb
+
     files = {s: [p] for s, p in ensure_ptb(str(ptb), allow_download=False).items()}
     corpus = prepare_corpus(files, str(tmp_path / "cache"), log=lambda *a: None)
     assert len(corpus.vocab) == 10000

@@ -1,4 +1,5 @@
 """The PTB downloader against a local HTTP server on 127.0.0.1: never the network."""
+
 import contextlib
 import dataclasses
 import functools
@@ -90,6 +91,7 @@ def test_a_modified_local_copy_is_refused(ptb, tmp_path):
 
 # -- WikiText: a fixture release served from 127.0.0.1 ----------------------------------------------------
 
+
 class RangeServer(http.server.ThreadingHTTPServer):
     """Serves the files of ``root``; honours ``Range: bytes=N-`` when ``ranges`` is true, and closes the
     connection after ``cut`` bytes of a body when ``cut`` is set.  ``ranges_asked`` records each request's
@@ -126,7 +128,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        body = body if srv.cut is None else body[:srv.cut]
+        body = body if srv.cut is None else body[: srv.cut]
         self.wfile.write(body)
         srv.sent += len(body)
         self.close_connection = True
@@ -147,8 +149,8 @@ def range_server(tmp_path):
 # Counted by hand: every line end is an <eos>, blank lines included (" \n" is a line with no word).
 FIXTURE = {
     "train": " \n = Tom = \n \n Tom was a <unk> cat . \n He sat on the mat . \n",  # 0+3+0+6+6 words, 5 lines
-    "valid": " \n = Mat = \n The mat sat . \n",                                  # 0+3+4 words, 3 lines
-    "test": " \n The cat was a dog . \n \n",                                      # 0+6+0 words, 3 lines
+    "valid": " \n = Mat = \n The mat sat . \n",  # 0+3+4 words, 3 lines
+    "test": " \n The cat was a dog . \n \n",  # 0+6+0 words, 3 lines
 }
 FIXTURE_COUNTS = (15 + 5, 7 + 3, 6 + 3)
 FIXTURE_VOCAB = 11 + 2  # train's 11 distinct words, <unk> and <eos>
@@ -169,22 +171,32 @@ def wikitext_zip(path, extra=()):
 def pin(monkeypatch, archive, tokens=FIXTURE_COUNTS, vocab=FIXTURE_VOCAB):
     """Make the served fixture the pinned WikiText-2 release (its SHA-256, size and counts)."""
     data = archive.read_bytes()
-    release = dataclasses.replace(sources.RELEASES["wikitext-2"], sha256=hashlib.sha256(data).hexdigest(),
-                                  size=len(data), tokens=tokens, vocab=vocab)
+    release = dataclasses.replace(
+        sources.RELEASES["wikitext-2"],
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        tokens=tokens,
+        vocab=vocab,
+    )
     monkeypatch.setitem(sources.RELEASES, "wikitext-2", release)
 
 
 def wikitext_cfg(url, root, **data):
     from lmtrain.config import from_dict
-    return from_dict({"data": {"source": "wikitext-2", "root": str(root), "url": url + "wikitext-2-v1.zip",
-                               **data}}).data
+
+    return from_dict(
+        {"data": {"source": "wikitext-2", "root": str(root), "url": url + "wikitext-2-v1.zip", **data}}
+    ).data
 
 
 def test_the_published_wikitext_sums_are_pinned():
     assert sources.RELEASES["wikitext-2"].sha256.startswith("92675f1d63015c1c")
     assert sources.RELEASES["wikitext-103"].sha256.startswith("242ba0f20b329cfd")
     from lmtrain.config import from_dict
-    assert from_dict({"data": {"source": "wikitext-103"}}).data.url == "https://wikitext.smerity.com/wikitext-103-v1.zip"
+
+    assert (
+        from_dict({"data": {"source": "wikitext-103"}}).data.url == "https://wikitext.smerity.com/wikitext-103-v1.zip"
+    )
     assert from_dict({"data": {"source": "wikitext-103"}}).data.root == "data/wikitext-103"
 
 
@@ -201,7 +213,8 @@ def test_wikitext_downloads_verifies_unpacks_and_counts_as_published(range_serve
     assert not any(line.startswith("warning") for line in lines)
     # found the second time: nothing is downloaded
     assert sources.ensure_wikitext("wikitext-2", str(root), allow_download=False) == {
-        s: str(root / f"wiki.{s}.tokens") for s in ("train", "valid", "test")}
+        s: str(root / f"wiki.{s}.tokens") for s in ("train", "valid", "test")
+    }
 
 
 def test_counts_unlike_the_published_ones_are_reported(range_server, tmp_path, monkeypatch):
@@ -215,8 +228,9 @@ def test_counts_unlike_the_published_ones_are_reported(range_server, tmp_path, m
 def test_a_wrong_checksum_is_refused_and_nothing_kept(range_server, tmp_path, monkeypatch):
     httpd, url = range_server
     pin(monkeypatch, wikitext_zip(httpd.root / "wikitext-2-v1.zip"))
-    monkeypatch.setitem(sources.RELEASES, "wikitext-2",
-                        dataclasses.replace(sources.RELEASES["wikitext-2"], sha256="0" * 64))
+    monkeypatch.setitem(
+        sources.RELEASES, "wikitext-2", dataclasses.replace(sources.RELEASES["wikitext-2"], sha256="0" * 64)
+    )
     root = tmp_path / "data" / "wikitext-2"
     with pytest.raises(DataError, match="does not match its pinned SHA-256.*nothing was kept"):
         sources.load_corpus(wikitext_cfg(url, root), log=lambda *a: None)
@@ -230,7 +244,9 @@ def test_a_broken_download_resumes_where_it_stopped(range_server, tmp_path, monk
     size = archive.stat().st_size
     root = tmp_path / "wt2"
     httpd.cut = size // 3
-    with pytest.raises(DataError, match=r"could not download .*kept in .*wikitext-2-v1\.zip\.part and the next run resumes"):
+    with pytest.raises(
+        DataError, match=r"could not download .*kept in .*wikitext-2-v1\.zip\.part and the next run resumes"
+    ):
         sources.ensure_wikitext("wikitext-2", str(root), url=url + "wikitext-2-v1.zip", log=lambda *a: None)
     assert (root / "wikitext-2-v1.zip.part").stat().st_size == size // 3
     httpd.cut, httpd.sent = None, 0
@@ -262,8 +278,11 @@ def test_more_bytes_than_the_release_has_are_refused(range_server, tmp_path, mon
     httpd, url = range_server
     archive = wikitext_zip(httpd.root / "wikitext-2-v1.zip")
     pin(monkeypatch, archive)
-    monkeypatch.setitem(sources.RELEASES, "wikitext-2", dataclasses.replace(
-        sources.RELEASES["wikitext-2"], size=archive.stat().st_size - 1))
+    monkeypatch.setitem(
+        sources.RELEASES,
+        "wikitext-2",
+        dataclasses.replace(sources.RELEASES["wikitext-2"], size=archive.stat().st_size - 1),
+    )
     with pytest.raises(DataError, match="more than the"):
         sources.ensure_wikitext("wikitext-2", str(tmp_path / "wt2"), url=url + "wikitext-2-v1.zip", log=print)
     assert not (tmp_path / "wt2").exists()
@@ -276,14 +295,18 @@ def symlink(name, target):
     return info, target
 
 
-@pytest.mark.parametrize("member,message", [
-    (("../outside.txt", b"escaped"), "would land outside the target directory"),
-    (("wikitext-2/../../outside.txt", b"escaped"), "would land outside the target directory"),
-    (("ABSOLUTE", b"escaped"), "has an absolute path"),
-    (symlink("wikitext-2/wiki.train.link", "/etc/passwd"), "is a symbolic link"),
-    (("wikitext-2/bomb", b"\0" * (4 << 20)), "compressed"),
-    (("wikitext-2/wiki.train.tokens", b"second copy"), "appears twice"),
-], ids=["dotdot", "nested-dotdot", "absolute", "symlink", "bomb", "duplicate"])
+@pytest.mark.parametrize(
+    "member,message",
+    [
+        (("../outside.txt", b"escaped"), "would land outside the target directory"),
+        (("wikitext-2/../../outside.txt", b"escaped"), "would land outside the target directory"),
+        (("ABSOLUTE", b"escaped"), "has an absolute path"),
+        (symlink("wikitext-2/wiki.train.link", "/etc/passwd"), "is a symbolic link"),
+        (("wikitext-2/bomb", b"\0" * (4 << 20)), "compressed"),
+        (("wikitext-2/wiki.train.tokens", b"second copy"), "appears twice"),
+    ],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink", "bomb", "duplicate"],
+)
 def test_a_crafted_archive_is_refused_with_nothing_written(range_server, tmp_path, monkeypatch, member, message):
     httpd, url = range_server
     outside = tmp_path / "outside.txt"
@@ -324,6 +347,9 @@ def test_a_foreign_archive_put_there_by_hand_is_refused(tmp_path):
 
 
 def test_no_wikitext_and_no_download_says_where_to_put_the_files(tmp_path):
-    with pytest.raises(DataError, match="WikiText-103 not found under .*put wiki.train.tokens, wiki.valid.tokens "
-                                        "and wiki.test.tokens of WikiText-103 .*wikitext-103-v1.zip.* by hand"):
+    with pytest.raises(
+        DataError,
+        match="WikiText-103 not found under .*put wiki.train.tokens, wiki.valid.tokens "
+        "and wiki.test.tokens of WikiText-103 .*wikitext-103-v1.zip.* by hand",
+    ):
         sources.ensure_wikitext("wikitext-103", str(tmp_path / "wt103"), allow_download=False)

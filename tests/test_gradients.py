@@ -1,10 +1,10 @@
 """Every backward pass against central finite differences in float64 (relative error < 1e-6)."""
+
 import numpy as np
 import pytest
 
 from lmtrain.config import ModelConfig
-from lmtrain.nn.cells import CELLS, LSTMCell, Recurrent
-from lmtrain.nn.layers import Dropout, Embedding, Linear, SoftmaxCrossEntropy
+from lmtrain.nn.cells import CELLS, LSTMCell
 from lmtrain.nn.model import LanguageModel
 from tests.gradcheck import numerical_grad, rel_error
 from tests.test_adaptive import adaptive_layer
@@ -12,9 +12,10 @@ from tests.test_adaptive import adaptive_layer
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _on_each_path(each_path):
-    """Every check runs on the numpy path and through the fused kernels."""
+@pytest.fixture
+def layers(each_path):
+    """Every check runs on the numpy reference and on the fast path's layers (the fused kernels)."""
+    return each_path.layers
 
 
 def check_layer(layer, forward, inputs, out_shape_fn, seed=0):
@@ -41,32 +42,32 @@ def check_layer(layer, forward, inputs, out_shape_fn, seed=0):
             assert rel_error(dx, numerical_grad(loss, x)) < TOL, f"input {k}"
 
 
-def test_linear():
+def test_linear(layers):
     rng = np.random.default_rng(1)
-    layer = Linear(rng.standard_normal((5 + 1, 7)))  # [W; b]
+    layer = layers.Linear(rng.standard_normal((5 + 1, 7)))  # [W; b]
     check_layer(layer, layer.forward, [rng.standard_normal((6, 5))], None)
     x = rng.standard_normal((3, 5))
     np.testing.assert_allclose(layer.forward(x), x @ layer.params["weight"] + layer.params["bias"], rtol=1e-12)
 
 
-def test_linear_transposed():
+def test_linear_transposed(layers):
     rng = np.random.default_rng(2)
-    layer = Linear(rng.standard_normal((7, 5 + 1)), transposed=True)  # [E, b], the tied decoder
+    layer = layers.Linear(rng.standard_normal((7, 5 + 1)), transposed=True)  # [E, b], the tied decoder
     check_layer(layer, layer.forward, [rng.standard_normal((6, 5))], None)
     x = rng.standard_normal((3, 5))
     np.testing.assert_allclose(layer.forward(x), x @ layer.params["weight"].T + layer.params["bias"], rtol=1e-12)
 
 
-def test_embedding_with_repeated_ids():
+def test_embedding_with_repeated_ids(layers):
     rng = np.random.default_rng(3)
-    layer = Embedding(rng.standard_normal((6, 4)))
+    layer = layers.Embedding(rng.standard_normal((6, 4)))
     ids = np.array([[1, 2], [1, 1], [5, 0]])  # repeats must add up
     check_layer(layer, layer.forward, [ids], None)
 
 
-def test_dropout_fixed_mask():
+def test_dropout_fixed_mask(layers):
     rng = np.random.default_rng(4)
-    layer = Dropout(0.4, np.random.default_rng(0))
+    layer = layers.Dropout(0.4, np.random.default_rng(0))
     x = rng.standard_normal((3, 2, 5))
     layer.forward(x, True)
     layer.frozen = True
@@ -75,9 +76,9 @@ def test_dropout_fixed_mask():
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_softmax_cross_entropy(weighted):
+def test_softmax_cross_entropy(layers, weighted):
     rng = np.random.default_rng(5)
-    layer = SoftmaxCrossEntropy()
+    layer = layers.SoftmaxCrossEntropy()
     logits = rng.standard_normal((6, 9))
     targets = rng.integers(0, 9, size=6)
     weights = np.array([1, 1, 0, 1, 0, 1.0]) if weighted else None
@@ -90,9 +91,9 @@ def test_softmax_cross_entropy(weighted):
     assert rel_error(analytic, numerical_grad(loss, logits)) < TOL
 
 
-def test_softmax_handles_logits_that_overflow_or_underflow_exp():
+def test_softmax_handles_logits_that_overflow_or_underflow_exp(layers):
     """Rows whose exp overflows (logit > 88) or vanishes take the max-subtracted path; results stay exact."""
-    layer = SoftmaxCrossEntropy()
+    layer = layers.SoftmaxCrossEntropy()
     logits = np.array([[1.0, 2.0, 3.0], [500.0, 499.0, 0.0], [-900.0, -901.0, -950.0]], np.float32)
     targets = np.array([2, 0, 1])
     mean, total, count = layer.forward(logits.copy(), targets)
@@ -106,13 +107,14 @@ def test_softmax_handles_logits_that_overflow_or_underflow_exp():
     np.testing.assert_allclose(d, p / 3, atol=1e-7)
 
 
-@pytest.mark.parametrize("tied_head,weighted,empty_cluster", [(False, False, False), (True, True, False),
-                                                              (False, True, True)])
-def test_adaptive_softmax(tied_head, weighted, empty_cluster):
+@pytest.mark.parametrize(
+    "tied_head,weighted,empty_cluster", [(False, False, False), (True, True, False), (False, True, True)]
+)
+def test_adaptive_softmax(layers, tied_head, weighted, empty_cluster):
     """The layer alone: head, projections, tail outputs and biases, and the input rows.  With an empty
     cluster (no target in it this window) its gradients must be zero, not left over from the last call."""
     rng = np.random.default_rng(11)
-    layer = adaptive_layer(5, 17, [4, 9], 2.0, seed=12, tied_head=tied_head)
+    layer = adaptive_layer(5, 17, [4, 9], 2.0, seed=12, tied_head=tied_head, layers=layers)
     h = rng.standard_normal((8, 5))
     targets = np.array([0, 3, 16, 12, 2, 15, 1, 10]) if empty_cluster else np.array([0, 5, 16, 7, 3, 9, 12, 4])
     weights = np.array([1, 1, 0, 1, 0.5, 1, 1, 1]) if weighted else None
@@ -132,7 +134,7 @@ def test_adaptive_softmax(tied_head, weighted, empty_cluster):
         assert not analytic["tail.0.proj"].any() and not analytic["tail.0.weight"].any()
 
 
-def test_lstm_cell_step():
+def test_lstm_cell_step(layers):
     """One step of the cell, through its pre-activations and previous cell state."""
     rng = np.random.default_rng(6)
     B, H = 3, 4
@@ -158,11 +160,13 @@ def test_lstm_cell_step():
     assert rel_error(dc_prev, numerical_grad(loss, c_prev)) < TOL
 
 
-def test_lstm_equations_against_reference():
+def test_lstm_equations_against_reference(layers):
     """The fused, in-place step equals the textbook equations written out gate by gate."""
     rng = np.random.default_rng(7)
     B, D, H = 2, 3, 4
-    layer = Recurrent(rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H))
+    layer = layers.Recurrent(
+        rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H)
+    )
     x = rng.standard_normal((5, B, D))
     h, c = rng.standard_normal((B, H)), rng.standard_normal((B, H))
     out, (hT, cT) = layer.forward(x, (h, c))
@@ -170,7 +174,7 @@ def test_lstm_equations_against_reference():
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     for t in range(5):
         a = x[t] @ Wx + h @ Wh + b
-        f, i, o, g = sig(a[:, :H]), sig(a[:, H:2 * H]), sig(a[:, 2 * H:3 * H]), np.tanh(a[:, 3 * H:])
+        f, i, o, g = sig(a[:, :H]), sig(a[:, H : 2 * H]), sig(a[:, 2 * H : 3 * H]), np.tanh(a[:, 3 * H :])
         c = f * c + i * g
         h = o * np.tanh(c)
         np.testing.assert_allclose(out[t], h, rtol=1e-12, atol=1e-12)
@@ -179,13 +183,17 @@ def test_lstm_equations_against_reference():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_recurrent_window_with_state(cell):
+def test_recurrent_window_with_state(layers, cell):
     """Parameters, inputs and the initial state, with gradients arriving at the final state too."""
     rng = np.random.default_rng(8)
     T, B, D, H = 4, 2, 3, 5
     G = CELLS[cell].gates
-    layer = Recurrent(rng.standard_normal((D, G * H)) * 0.5, rng.standard_normal((H, G * H)) * 0.5,
-                      rng.standard_normal(G * H) * 0.5, cell=cell)
+    layer = layers.Recurrent(
+        rng.standard_normal((D, G * H)) * 0.5,
+        rng.standard_normal((H, G * H)) * 0.5,
+        rng.standard_normal(G * H) * 0.5,
+        cell=cell,
+    )
     for name in CELLS[cell].extra_params:
         layer.params[name][...] = rng.standard_normal(layer.params[name].shape) * 0.5
     x = rng.standard_normal((T, B, D))
@@ -208,34 +216,65 @@ def test_recurrent_window_with_state(cell):
         assert rel_error(d, numerical_grad(loss, s0)) < TOL
 
 
-@pytest.mark.parametrize("tied,dropout,layers,cell", [(True, 0.3, 2, "lstm"), (False, 0.0, 1, "lstm"),
-                                                     (False, 0.5, 2, "lstm"), (True, 0.3, 2, "gru"),
-                                                     (True, 0.3, 2, "rnn")])
-def test_whole_model_across_two_windows(tied, dropout, layers, cell):
+@pytest.mark.parametrize(
+    "tied,dropout,n_layers,cell",
+    [
+        (True, 0.3, 2, "lstm"),
+        (False, 0.0, 1, "lstm"),
+        (False, 0.5, 2, "lstm"),
+        (True, 0.3, 2, "gru"),
+        (True, 0.3, 2, "rnn"),
+    ],
+)
+def test_whole_model_across_two_windows(layers, tied, dropout, n_layers, cell):
     """The full model, second window continuing the first one's state (held fixed, as truncated BPTT does)."""
-    check_whole_model(ModelConfig(emb_size=6, hidden_size=6, num_layers=layers, dropout=dropout, tie_weights=tied,
-                                  init="uniform", init_scale=0.5, cell=cell))
+    check_whole_model(
+        ModelConfig(
+            emb_size=6,
+            hidden_size=6,
+            num_layers=n_layers,
+            dropout=dropout,
+            tie_weights=tied,
+            init="uniform",
+            init_scale=0.5,
+            cell=cell,
+        ),
+        layers,
+    )
 
 
 @pytest.mark.parametrize("tied,tie_tails", [(False, False), (True, False), (True, True)])
-def test_whole_model_with_adaptive_softmax(tied, tie_tails):
+def test_whole_model_with_adaptive_softmax(layers, tied, tie_tails):
     """Head words, both tail clusters and (tied) the embedding rows shared with the head (tied tails: with
     the tails too, every embedding row then getting its gradient from two places), in both windows.
     Weights of scale 1: at 0.5 some gradients are so small (~2e-3) that rounding in the differences
     alone reaches the tolerance."""
-    check_whole_model(ModelConfig(emb_size=6, hidden_size=6, num_layers=2, dropout=0.3, tie_weights=tied,
-                                  init="uniform", init_scale=1.0, softmax="adaptive", adaptive_cutoffs=[4, 8],
-                                  adaptive_div=1.0 if tie_tails else 2.0, adaptive_tie_tails=tie_tails,
-                                  embedding_dropout=0.2 if tie_tails else 0.0))
+    check_whole_model(
+        ModelConfig(
+            emb_size=6,
+            hidden_size=6,
+            num_layers=2,
+            dropout=0.3,
+            tie_weights=tied,
+            init="uniform",
+            init_scale=1.0,
+            softmax="adaptive",
+            adaptive_cutoffs=[4, 8],
+            adaptive_div=1.0 if tie_tails else 2.0,
+            adaptive_tie_tails=tie_tails,
+            embedding_dropout=0.2 if tie_tails else 0.0,
+        ),
+        layers,
+    )
 
 
-def check_whole_model(cfg):
+def check_whole_model(cfg, layers):
     V, T, B = 13, 4, 3
-    model = LanguageModel(cfg, V, seed=3, dtype="float64")
+    model = LanguageModel(cfg, V, seed=3, dtype="float64", layers=layers)
     rng = np.random.default_rng(9)
     stream = rng.integers(0, V, size=(2 * T + 1, B))
-    x1, y1 = stream[:T], stream[1:T + 1]
-    x2, y2 = stream[T:2 * T], stream[T + 1:]
+    x1, y1 = stream[:T], stream[1 : T + 1]
+    x2, y2 = stream[T : 2 * T], stream[T + 1 :]
     if cfg.softmax == "adaptive":  # the head and every tail cluster get targets in both windows
         edges = [0, *cfg.adaptive_cutoffs, V]
         assert all(((y >= a) & (y < b)).any() for y in (y1, y2) for a, b in zip(edges, edges[1:]))
@@ -250,7 +289,7 @@ def check_whole_model(cfg):
 
         def loss():
             logits, _ = model.forward(x, state, train=True)
-            return model.loss(logits, y)
+            return model.loss(logits, y).mean
 
         loss()
         dstate = model.backward()

@@ -1,10 +1,11 @@
-"""The fused kernels (lmtrain/nn/fused.py, numba) against the numpy code they stand in for.
+"""The fast path (lmtrain/fast/: the fused kernels, numba) against the numpy reference it stands in for.
 
 Each kernel is run through the layer that calls it, once on each path, on the same inputs: float64
 agrees to rounding (1e-12), float32 to a few units in the last place.  The whole-model checks (the
 gradient checks of test_gradients.py, which run on both paths, and the 200-step loss curves here) show
 the paths train alike.  Skipped where numba is missing (CI installs it: LMTRAIN_REQUIRE lists numba).
 """
+
 import os
 import subprocess
 import sys
@@ -12,16 +13,13 @@ import sys
 import numpy as np
 import pytest
 
-from lmtrain import backend
-from lmtrain.nn.cells import Recurrent, StepProducts
-from lmtrain.nn.layers import Embedding, SoftmaxCrossEntropy
-from lmtrain.nn.params import ParamStore
-from lmtrain.optim import SGD, Adam
 from tests.conftest import ROOT, optional
 from tests.test_cli import lmtrain
+from tests.test_train import store_of
 
 optional("numba", "pip install -e '.[fast]'")
-from lmtrain.nn import fused  # noqa: E402
+from lmtrain.fast import StepProducts  # noqa: E402
+from lmtrain.fast import kernels as fused  # noqa: E402
 
 
 def ulps(a, ref):
@@ -58,14 +56,10 @@ def test_tanh32_and_exp32_are_as_accurate_as_numpy():
 
 
 def both_paths(on_path, run):
-    """run() on the numpy path and on the fused path: the two results."""
-    on_path("numpy")
-    a = run()
-    assert backend.kernels_in_use() == "numpy"
-    on_path("numba")
-    b = run()
-    assert backend.kernels_in_use() == "numba"
-    return a, b
+    """run(path) on the numpy reference and on the fast path (lmtrain.build.Path): the two results."""
+    numpy_path, numba_path = on_path("numpy"), on_path("numba")
+    assert (numpy_path.name, numba_path.name) == ("numpy", "numba")
+    return run(numpy_path), run(numba_path)
 
 
 def assert_same(a, b, dtype):
@@ -103,21 +97,23 @@ def cells_agree(on_path, cell, dtype, B, H, T=7):
     D = 5
     G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
     a = 0.6 * min(1.0, np.sqrt(6 / H))  # pre-activations of the same size at any H: float32's rounding stays small
-    layer = Recurrent(*(rng.uniform(-a, a, s).astype(dtype) for s in [(D, G * H), (H, G * H), (G * H,)]),
-                      cell=cell)
-    if cell == "gru":
-        layer.params["bias_h"][...] = rng.uniform(-0.5, 0.5, H)
+    weights = [rng.uniform(-a, a, s).astype(dtype) for s in [(D, G * H), (H, G * H), (G * H,)]]
+    bias_h = rng.uniform(-0.5, 0.5, H).astype(dtype)
     nstate = 2 if cell == "lstm" else 1
     x = rng.standard_normal((T, B, D)).astype(dtype) * 2
     state = [rng.standard_normal((B, H)).astype(dtype) for _ in range(nstate)]
     dh = rng.standard_normal((T, B, H)).astype(dtype)
     dfinal = [rng.standard_normal((B, H)).astype(dtype) for _ in range(nstate)]
 
-    def run():
+    def run(path):
+        layer = path.layers.Recurrent(*(w.copy() for w in weights), cell=cell)
+        if cell == "gru":
+            layer.params["bias_h"][...] = bias_h
         h, final = layer.forward(x.copy(), [s.copy() for s in state], train=True)
         out = [h.copy(), *final]
         dx, dstate = layer.backward(dh.copy(), [d.copy() for d in dfinal])
         return out + [dx, *dstate] + [g.copy() for g in layer.grads.values()]
+
     a, b = both_paths(on_path, run)
     assert len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
     assert_same(a, b, dtype)
@@ -140,19 +136,17 @@ def test_step_product_kernel_agrees_with_blas(dtype, B, K, N):
     assert np.isnan(out[B // 2]).all() and np.isfinite(np.delete(out, B // 2, axis=0)).all()
 
 
-def test_step_products_choose_the_kernel_by_batch(on_path):
-    """StepProducts: the kernel for 2-20 rows and windows of MIN_STEPS steps or more with the kernels on,
-    BLAS otherwise and on the numpy path; h W_h (through the transposed, zero-padded copy) and d W_h^T
-    agree with numpy's either way."""
+def test_step_products_choose_the_kernel_by_batch():
+    """StepProducts: the kernel for 2-20 rows and windows of MIN_STEPS steps or more, BLAS otherwise (the
+    numpy reference has no StepProducts: its steps' products are BLAS's); h W_h (through the transposed,
+    zero-padded copy) and d W_h^T agree with numpy's either way."""
     rng = np.random.default_rng(9)
     H, G = 37, 4
     Wh = rng.standard_normal((H, G * H))
     w = np.zeros((G * H + 5, H + 3))[:-5, 1:-2]  # a strided view: transpose_into writes through it
     fused.transpose_into(Wh, w)
     assert (w == Wh.T).all()
-    for path, B, T, kernel in [("numba", 20, 4, True), ("numba", 2, 35, True), ("numba", 21, 35, False),
-                               ("numba", 1, 35, False), ("numba", 20, 3, False), ("numpy", 4, 35, False)]:
-        on_path(path)
+    for B, T, kernel in [(20, 4, True), (2, 35, True), (21, 35, False), (1, 35, False), (20, 3, False)]:
         steps = StepProducts()
         steps.load(Wh, B, T)
         assert (steps.kernel is not None) == kernel
@@ -163,26 +157,28 @@ def test_step_products_choose_the_kernel_by_batch(on_path):
         np.testing.assert_allclose(steps.times(h, np.empty((B, G * H))), h @ (2 * Wh), rtol=1e-12, atol=1e-12)
 
 
-def test_evaluation_reuses_the_transposed_weights_only_while_they_are_unchanged(on_path):
-    """An evaluation window keeps the previous window's W_h^T when W_h is the same to the bit, and each
-    forward equals a new layer's (which transposes afresh) after the weights change in place, after a
-    training window with DropConnect (whose copy holds the masked W_h) and after a training window alone."""
-    on_path("numba")
+def test_evaluation_reuses_the_transposed_weights_only_while_they_are_held(on_path):
+    """While the weights are held (an evaluation's windows) a window keeps the previous window's W_h^T, and
+    each forward equals a new layer's (which transposes afresh) after the weights change in place between two
+    holds, after a training window with DropConnect (whose copy holds the masked W_h) and after a training
+    window alone."""
+    layers = on_path("numba").layers
     rng = np.random.default_rng(12)
     T, B, H = 6, 4, 21
     Wx, Wh, b = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in [(H, 4 * H), (H, 4 * H), (4 * H,)])
-    layer = Recurrent(Wx, Wh, b, weight_drop=0.5, rng=np.random.default_rng(0))
+    layer = layers.Recurrent(Wx, Wh, b, weight_drop=0.5, rng=np.random.default_rng(0))
     x = rng.standard_normal((T, B, H)).astype(np.float32)
     state = tuple(np.zeros((B, H), np.float32) for _ in range(2))
 
     calls = []
 
-    def evaluate_and_check():
+    def evaluate_and_check(held=True):
         """Whether the layer transposed W_h for this window."""
+        layer.hold_weights(held)
         before = len(calls)
         out = layer.forward(x, state, train=False)[0].copy()
         transposed = len(calls) > before
-        fresh = Recurrent(Wx.copy(), Wh.copy(), b.copy()).forward(x, state, train=False)[0]
+        fresh = layers.Recurrent(Wx.copy(), Wh.copy(), b.copy()).forward(x, state, train=False)[0]
         assert np.array_equal(out, fresh)
         return transposed
 
@@ -190,44 +186,46 @@ def test_evaluation_reuses_the_transposed_weights_only_while_they_are_unchanged(
     try:
         fused.transpose_into = lambda w, out: (calls.append(1), transpose(w, out))
         assert evaluate_and_check() and not evaluate_and_check()  # the second window reuses the copy
-        Wh[H - 1, 4 * H - 1] += 0.25  # the last weight: the comparison reads to the end
+        layer.hold_weights(False)
+        Wh[H - 1, 4 * H - 1] += 0.25  # the last weight: the copy must not survive the change
         assert evaluate_and_check() and not evaluate_and_check()
+        layer.hold_weights(False)
         layer.forward(x, state, train=True)  # transposes W_h with its DropConnect mask
         assert evaluate_and_check()
+        layer.hold_weights(False)
         layer.weight_drop = 0.0
         layer.forward(x, state, train=True)
-        assert evaluate_and_check()
+        assert evaluate_and_check(held=False)
     finally:
         fused.transpose_into = transpose
 
 
-def test_evaluation_promised_the_same_weights_keeps_the_transpose_without_comparing(on_path):
-    """``same_weights`` (evaluate()'s windows after its first) skips the comparison, not the layout a
-    window without a copy needs; training ignores the promise."""
-    on_path("numba")
+def test_holding_the_weights_never_keeps_a_training_windows_transpose(on_path):
+    """A hold keeps the transpose from one evaluation window to the next, never from or for a training window,
+    and a copy made before the hold is not reused inside it."""
+    layers = on_path("numba").layers
     rng = np.random.default_rng(13)
     T, B, H = 6, 4, 21
     Wx, Wh, b = (rng.standard_normal(s).astype(np.float32) * 0.3 for s in [(H, 4 * H), (H, 4 * H), (4 * H,)])
-    layer = Recurrent(Wx, Wh, b)
+    layer = layers.Recurrent(Wx, Wh, b)
     x = rng.standard_normal((T, B, H)).astype(np.float32)
     state = tuple(np.zeros((B, H), np.float32) for _ in range(2))
     calls = []
-    compare, transpose = fused.same_bits, fused.transpose_into
+    transpose = fused.transpose_into
     try:
-        fused.same_bits = lambda a, c: (calls.append("compare"), compare(a, c))[1]
         fused.transpose_into = lambda w, out: (calls.append("transpose"), transpose(w, out))
-        first = layer.forward(x, state, train=False, same_weights=True)[0].copy()  # no copy yet: laid out
-        assert calls == ["transpose"]
-        again = layer.forward(x, state, train=False, same_weights=True)[0]
-        assert calls == ["transpose"] and np.array_equal(first, again)
-        layer.forward(x, state, train=False)
-        assert calls == ["transpose", "compare"]
-        layer.forward(x, state, train=True, same_weights=True)
-        assert calls == ["transpose", "compare", "transpose"]
-        layer.forward(x, state, train=False, same_weights=True)  # training dropped its copy
-        assert calls == ["transpose", "compare", "transpose", "transpose"]
+        layer.forward(x, state, train=False)  # not held: laid out for this window only
+        layer.hold_weights(True)
+        first = layer.forward(x, state, train=False)[0].copy()  # the copy from before the hold is not reused
+        assert calls == ["transpose", "transpose"]
+        again = layer.forward(x, state, train=False)[0]
+        assert calls == ["transpose", "transpose"] and np.array_equal(first, again)
+        layer.forward(x, state, train=True)
+        assert calls == ["transpose"] * 3
+        layer.forward(x, state, train=False)  # training's copy is not the held one
+        assert calls == ["transpose"] * 4
     finally:
-        fused.same_bits, fused.transpose_into = compare, transpose
+        fused.transpose_into = transpose
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -244,16 +242,17 @@ def test_softmax_cross_entropy_agrees_with_numpy(on_path, dtype, weighted):
     logits[3:6] += np.array([-30.0, -60.0, 58.0], dtype)[:, None]  # either side of the kernels' bounds
     targets = rng.integers(0, V, N)
     weights = (rng.random(N) < 0.8).astype(dtype) if weighted else None
-    layer = SoftmaxCrossEntropy()
 
-    def run():
+    def run(path):
+        layer = path.layers.SoftmaxCrossEntropy()
         mean, total, count = layer.forward(logits.copy(), targets, weights)
         return [np.array([mean, total, count]), layer.backward().copy()]
+
     a, b = both_paths(on_path, run)
     assert_same(a, b, dtype)
     assert np.isfinite(b[1]).all()
     # evaluation's loss (no gradient kept) is training's to the bit: dynamic evaluation relies on it
-    on_path("numba")
+    layer = on_path("numba").layers.SoftmaxCrossEntropy()
     assert layer.forward(logits, targets, weights, grad=False) == layer.forward(logits, targets, weights)
 
 
@@ -268,13 +267,14 @@ def test_embedding_gradient_agrees_with_numpy(on_path, dtype):
     dout = rng.standard_normal((7, 5, E)).astype(dtype)
     decoder_rows = rng.standard_normal((10, E)).astype(dtype)
 
-    def run():
-        layer = Embedding(weight.copy(), word_drop=0.3, rng=np.random.default_rng(0))
+    def run(path):
+        layer = path.layers.Embedding(weight.copy(), word_drop=0.3, rng=np.random.default_rng(0))
         layer.rows_written = 10
         layer.grads["weight"][:10] = decoder_rows
         layer.forward(ids, train=True)
         layer.backward(dout.copy())
         return [layer.grads["weight"].copy()]
+
     a, b = both_paths(on_path, run)
     assert_same(a, b, dtype)
     assert (a[0][10:20] != 0).any() and (a[0][20:] == 0).all()
@@ -284,14 +284,20 @@ def test_softmax_nan_reaches_the_loss(on_path):
     """The kernels keep NaN semantics: a NaN logit makes the loss NaN (training's guard then skips the step)."""
     logits = np.zeros((4, 50), np.float32)
     logits[2, 3] = np.nan
-    on_path("numba")
-    assert np.isnan(SoftmaxCrossEntropy().forward(logits, np.arange(4))[0])
+    assert np.isnan(on_path("numba").layers.SoftmaxCrossEntropy().forward(logits, np.arange(4))[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("make", [
-    lambda s: SGD(s), lambda s: Adam(s), lambda s: Adam(s, weight_decay=0.1),
-    lambda s: Adam(s, weight_decay=0.1, decoupled=True)], ids=["sgd", "adam", "adam-l2", "adamw"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o, s: o.SGD(s),
+        lambda o, s: o.Adam(s),
+        lambda o, s: o.Adam(s, weight_decay=0.1),
+        lambda o, s: o.Adam(s, weight_decay=0.1, decoupled=True),
+    ],
+    ids=["sgd", "adam", "adam-l2", "adamw"],
+)
 def test_optimizer_updates_agree_with_numpy(on_path, make, dtype):
     """Three steps with a clipping factor, over a buffer large enough to be split over threads."""
     rng = np.random.default_rng(7)
@@ -299,19 +305,15 @@ def test_optimizer_updates_agree_with_numpy(on_path, make, dtype):
     p0 = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
     grads = [{k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()} for _ in range(3)]
 
-    def run():
-        store = ParamStore(dtype)
-        for k, shape in shapes.items():
-            store.block(k, shape, {k: np.s_[...]})
-        store.build(shapes)
-        for k, v in store.views_of(store.data).items():
-            v[...] = p0[k]
-        opt = make(store)
+    def run(path):
+        store = store_of(dtype, **p0)
+        opt = make(path.optimizers, store)
         for g in grads:
             for k, v in store.views_of(store.grad).items():
                 v[...] = g[k]
             opt.step(0.05, grad_scale=0.7)
         return [store.data.copy()]
+
     a, b = both_paths(on_path, run)
     assert_same(a, b, dtype)
 
@@ -322,7 +324,8 @@ def curve(raw):
     import tempfile
 
     from lmtrain.config import from_dict
-    from lmtrain.train import fit
+    from lmtrain.training import fit
+
     with tempfile.TemporaryDirectory() as tmp:
         fit(from_dict(raw), os.path.join(tmp, "run"), quiet=True)
         with open(os.path.join(tmp, "run", "metrics.jsonl")) as fh:
@@ -337,13 +340,32 @@ def test_fixed_seed_curves_agree_over_200_steps(on_path, cell, rtol):
     task much further in 200 steps (loss 1.2 against the LSTM's 3.6), and its sharper minimum amplifies
     float32 rounding more: its paths part by 5e-5 at the end, so it gets 1e-4.  (Adam, and the other
     configs, are held to the pre-optimisation curves by test_speed_preserves_results.py on either path.)"""
-    raw = {"data": {"source": "synthetic", "synthetic": {"train_stories": 1500, "max_distance": 8}},
-           "model": {"cell": cell, "emb_size": 32, "hidden_size": 32, "num_layers": 2, "tie_weights": True,
-                     "dropout_mode": "locked", "dropout": 0.2, "embedding_dropout": 0.05, "weight_drop": 0.2},
-           "train": {"batch_size": 8, "bptt": 20, "max_steps": 200, "optimizer": "sgd", "lr": 5.0,
-                     "clip_grad_norm": 0.25, "log_every": 1, "eval_batch_size": 4},
-           "seed": 11}
-    a, b = both_paths(on_path, lambda: curve(raw))
+    raw = {
+        "data": {"source": "synthetic", "synthetic": {"train_stories": 1500, "max_distance": 8}},
+        "model": {
+            "cell": cell,
+            "emb_size": 32,
+            "hidden_size": 32,
+            "num_layers": 2,
+            "tie_weights": True,
+            "dropout_mode": "locked",
+            "dropout": 0.2,
+            "embedding_dropout": 0.05,
+            "weight_drop": 0.2,
+        },
+        "train": {
+            "batch_size": 8,
+            "bptt": 20,
+            "max_steps": 200,
+            "optimizer": "sgd",
+            "lr": 5.0,
+            "clip_grad_norm": 0.25,
+            "log_every": 1,
+            "eval_batch_size": 4,
+        },
+        "seed": 11,
+    }
+    a, b = both_paths(on_path, lambda path: curve(raw))
     a, b = np.array(a), np.array(b)
     assert len(a) == len(b) == 200
     assert b[-20:].mean() < b[0] - 0.5  # it learns
@@ -351,8 +373,9 @@ def test_fixed_seed_curves_agree_over_200_steps(on_path, cell, rtol):
 
 
 def test_fit_says_which_path_runs_and_the_environment_overrides_the_config(tiny_config):
-    r = lmtrain("fit", tiny_config, "--set", "train.epochs=1", "--set", "train.kernels=numba",
-                env={"LMTRAIN_KERNELS": "numpy"})
+    r = lmtrain(
+        "fit", tiny_config, "--set", "train.epochs=1", "--set", "train.kernels=numba", env={"LMTRAIN_KERNELS": "numpy"}
+    )
     assert r.returncode == 0, r.stderr
     assert "element-wise kernels: numpy" in r.stdout
     r = lmtrain("fit", tiny_config, "--set", "train.epochs=1", "--overwrite", env={"LMTRAIN_KERNELS": ""})
@@ -368,9 +391,15 @@ def test_bad_kernel_setting_is_one_line(tiny_config):
 
 def test_numpy_path_never_imports_numba(tiny_config):
     """With the kernels off (and so on a machine without numba) a whole run does not import numba."""
-    code = ("import sys, runpy; sys.argv = ['lmtrain', 'fit', sys.argv[1], '--set', 'train.epochs=1']\n"
-            "try:\n    runpy.run_module('lmtrain', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "assert 'numba' not in sys.modules, 'numba was imported'\nprint('ok')")
-    r = subprocess.run([sys.executable, "-c", code, str(tiny_config)], capture_output=True, text=True,
-                       env={**os.environ, "LMTRAIN_KERNELS": "numpy", "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys, runpy; sys.argv = ['lmtrain', 'fit', sys.argv[1], '--set', 'train.epochs=1']\n"
+        "try:\n    runpy.run_module('lmtrain', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "assert 'numba' not in sys.modules, 'numba was imported'\nprint('ok')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LMTRAIN_KERNELS": "numpy", "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr

@@ -3,6 +3,7 @@
 Runs where mpi4py and an mpiexec are installed (`pip install -e '.[mpi]'`,
 which CI does) and skips elsewhere.
 """
+
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ data:
   source: synthetic
   lowercase: true
   synthetic: {train_stories: 400, valid_stories: 30, test_stories: 30, max_distance: 6}
-model: {emb_size: 16, hidden_size: 24, num_layers: 2, last_hidden_size: 16, tie_weights: true, init: pytorch, forget_bias: 1.0}
+model: {emb_size: 16, hidden_size: 24, num_layers: 2, last_hidden_size: 16, tie_weights: true, init: pytorch,
+        forget_bias: 1.0}
 train: {batch_size: 8, bptt: 10, epochs: 2, optimizer: adam, lr: 0.01, clip_grad_norm: 0.5, eval_batch_size: 5,
         log_every: 1, dtype: float64, state_reset_prob: 0.1, check_sync_every: 10}
 seed: 4
@@ -36,10 +38,23 @@ seed: 4
 
 
 def launch(config, run, *extra, ranks=2, env=None, wait=True):
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "lmtrain", "fit", str(config), "--run-dir", str(run),
-           "--quiet", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})))
+    cmd = [
+        MPIEXEC,
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "lmtrain",
+        "fit",
+        str(config),
+        "--run-dir",
+        str(run),
+        "--quiet",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {}))
+    )
     if wait:
         out, err = proc.communicate(timeout=300)
         return proc.returncode, out, err
@@ -47,8 +62,11 @@ def launch(config, run, *extra, ranks=2, env=None, wait=True):
 
 
 def single(config, run, *extra):
-    proc = subprocess.run([sys.executable, "-m", "lmtrain", "fit", str(config), "--run-dir", str(run), "--quiet",
-                           *extra], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmtrain", "fit", str(config), "--run-dir", str(run), "--quiet", *extra],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 
@@ -61,8 +79,9 @@ def assert_same_curve(a, b, rtol):
     la = [(e["event"], e["step"]) for e in a if e["loss"] is not None]
     lb = [(e["event"], e["step"]) for e in b if e["loss"] is not None]
     assert la == lb
-    np.testing.assert_allclose([e["loss"] for e in b if e["loss"] is not None],
-                               [e["loss"] for e in a if e["loss"] is not None], rtol=rtol)
+    np.testing.assert_allclose(
+        [e["loss"] for e in b if e["loss"] is not None], [e["loss"] for e in a if e["loss"] is not None], rtol=rtol
+    )
 
 
 @pytest.fixture
@@ -156,8 +175,10 @@ def test_resume_on_another_number_of_ranks_reshards_the_streams(exact, tmp_path)
 def test_a_batch_that_does_not_divide_is_one_error(exact, tmp_path):
     code, _, err = launch(exact, tmp_path / "r", "--set", "train.batch_size=7")
     assert code == 2
-    assert err.strip() == ("error: train.batch_size 7 must divide by the 2 ranks times train.accumulate 1: each "
-                           "rank reads an equal share of the streams")
+    assert err.strip() == (
+        "error: train.batch_size 7 must divide by the 2 ranks times train.accumulate 1: each "
+        "rank reads an equal share of the streams"
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -185,9 +206,27 @@ main(sys.argv[2:])
 def test_a_nan_on_one_rank_is_skipped_and_recovered_from_by_all(resumable, tmp_path):
     run = tmp_path / "nan"
     calls = ",".join(map(str, [30, *range(40, 45)]))  # one skipped step, then five in a row: a reload
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", NAN_ON_RANK_1, calls, "fit", str(resumable),
-                           "--run-dir", str(run), "--quiet", "--set", "train.epochs=1"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            MPIEXEC,
+            "-n",
+            "2",
+            sys.executable,
+            "-c",
+            NAN_ON_RANK_1,
+            calls,
+            "fit",
+            str(resumable),
+            "--run-dir",
+            str(run),
+            "--quiet",
+            "--set",
+            "train.epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     ev = events(run)
     assert [e["step"] for e in ev if e["event"] == "bad_step"] == [30, 40, 41, 42, 43, 44]

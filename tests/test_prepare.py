@@ -1,4 +1,5 @@
 """Preparing a corpus: the streaming two-pass tokenizer, the content-keyed cache, memory-mapped splits."""
+
 import hashlib
 import json
 import os
@@ -40,8 +41,13 @@ def test_prepare_writes_mapped_ids_and_the_vocabulary(tmp_path):
     lines, log = quiet_log()
     corpus = prepare_corpus(files, str(tmp_path / "cache"), log=log)
     (directory,) = (tmp_path / "cache").glob("tokens-*")
-    assert sorted(p.name for p in directory.iterdir()) == ["meta.json", "test.npy", "train.npy", "valid.npy",
-                                                           "vocab.json"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "meta.json",
+        "test.npy",
+        "train.npy",
+        "valid.npy",
+        "vocab.json",
+    ]
     assert isinstance(corpus.train, np.memmap) and corpus.train.dtype == np.uint16
     assert not corpus.train.flags.writeable
     assert corpus.vocab.decode(corpus.train) == ["the", "cat", "sat", EOS, "the", "dog", EOS]
@@ -56,8 +62,12 @@ def test_prepare_writes_mapped_ids_and_the_vocabulary(tmp_path):
 def test_ids_are_uint16_up_to_65536_words_and_uint32_beyond(tmp_path):
     assert id_dtype(1 << 16) == np.uint16 and id_dtype((1 << 16) + 1) == np.uint32
     words = [f"w{i}" for i in range(65600)]  # 65,602 with <eos> and <unk>
-    files = write_splits(tmp_path / "txt", train="\n".join(" ".join(words[i:i + 20]) for i in range(0, 65600, 20)),
-                         valid="w0 w65599 new\n", test="w7\n")
+    files = write_splits(
+        tmp_path / "txt",
+        train="\n".join(" ".join(words[i : i + 20]) for i in range(0, 65600, 20)),
+        valid="w0 w65599 new\n",
+        test="w7\n",
+    )
     corpus = prepare_corpus(files, str(tmp_path / "cache"), log=lambda *a: None)
     assert len(corpus.vocab) == 65602 and corpus.train.dtype == np.uint32
     assert corpus.vocab.decode(corpus.valid) == ["w0", "w65599", "<unk>", EOS]
@@ -72,6 +82,7 @@ def test_a_second_prepare_reuses_the_cache_without_tokenising(tmp_path, monkeypa
 
     def no_tokenising(*args, **kwargs):
         raise AssertionError("tokenised again")
+
     monkeypatch.setattr(prepare, "write_prepared", no_tokenising)
     lines, log = quiet_log()
     second = prepare_corpus(files, str(tmp_path / "cache"), log=log)
@@ -107,8 +118,13 @@ def test_an_old_npz_cache_is_never_read(tmp_path):
     # an old-format cache of these very files, but holding other ids: reading it would give wrong ids
     old = cache / old_npz_key(files)
     fake = Vocab(["<eos>", "<unk>", "zebra"]).to_dict()
-    np.savez(old, vocab=np.array(json.dumps(fake)), train=np.zeros(7, np.int32), valid=np.zeros(3, np.int32),
-             test=np.zeros(3, np.int32))
+    np.savez(
+        old,
+        vocab=np.array(json.dumps(fake)),
+        train=np.zeros(7, np.int32),
+        valid=np.zeros(3, np.int32),
+        test=np.zeros(3, np.int32),
+    )
     before = old.read_bytes()
     lines, log = quiet_log()
     corpus = prepare_corpus(files, str(cache), log=log)
@@ -149,6 +165,7 @@ def test_an_interrupted_prepare_leaves_no_cache(tmp_path, monkeypatch):
         if split == "valid":
             raise KeyboardInterrupt
         return real(path, split, *args)
+
     monkeypatch.setattr(prepare, "_write_ids", killed_at_valid)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(files, str(cache), log=lambda *a: None)
@@ -158,6 +175,7 @@ def test_an_interrupted_prepare_leaves_no_cache(tmp_path, monkeypatch):
 def test_the_temporary_directory_of_a_killed_prepare_is_removed(tmp_path):
     import subprocess
     import sys
+
     files = write_splits(tmp_path / "txt")
     cache = tmp_path / "cache"
     key = prepare.cache_key(files, 1, None, False)
@@ -197,7 +215,7 @@ def test_prepare_streams_in_blocks_instead_of_holding_the_corpus(tmp_path, monke
     finally:
         tracemalloc.stop()
     assert len(corpus.train) == 400000
-    assert peak < 6 << 20, f"peak {peak / 2 ** 20:.1f} MiB"
+    assert peak < 6 << 20, f"peak {peak / 2**20:.1f} MiB"
 
 
 def test_without_the_cache_the_corpus_is_read_into_memory(tmp_path):
@@ -211,7 +229,8 @@ def test_without_the_cache_the_corpus_is_read_into_memory(tmp_path):
 def test_text_splits_of_several_files_and_of_a_directory(tmp_path):
     from lmtrain.config import from_dict
     from lmtrain.data.sources import load_corpus
-    (tmp_path / "a.txt").write_text("one two\nthree")       # no final line end: still an <eos>
+
+    (tmp_path / "a.txt").write_text("one two\nthree")  # no final line end: still an <eos>
     (tmp_path / "b.txt").write_text("four\n")
     parts = tmp_path / "parts"
     (parts / "sub").mkdir(parents=True)
@@ -219,8 +238,16 @@ def test_text_splits_of_several_files_and_of_a_directory(tmp_path):
     (parts / "1.txt").write_text("one one\n")
     (parts / ".hidden").write_text("never read\n")
     (parts / "sub" / "x.txt").write_text("never read\n")
-    cfg = from_dict({"data": {"source": "text", "train": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
-                              "valid": str(parts), "test": [str(parts), str(tmp_path / "b.txt")]}})
+    cfg = from_dict(
+        {
+            "data": {
+                "source": "text",
+                "train": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                "valid": str(parts),
+                "test": [str(parts), str(tmp_path / "b.txt")],
+            }
+        }
+    )
     corpus = load_corpus(cfg.data, log=lambda *a: None)
     assert corpus.vocab.decode(corpus.train) == ["one", "two", EOS, "three", EOS, "four", EOS]
     assert corpus.vocab.decode(corpus.valid) == ["one", "one", EOS, "two", "two", EOS]
@@ -236,8 +263,9 @@ def test_lmtrain_prepare_prints_tokens_per_second_then_reuses(tmp_path):
     assert "tokens/s" in out and "vocabulary 6 words; tokens: train 7, valid 3, test 3" in out
     code, out, err = run_main(["prepare", "t.yaml"])
     assert code == 0 and "tokens/s" not in out and "prepared corpus: data/cache/tokens-" in out
-    code, out, err = run_main(["fit", "t.yaml", "--set", "train.batch_size=1", "--set", "train.bptt=2",
-                               "--set", "train.epochs=1"])
+    code, out, err = run_main(
+        ["fit", "t.yaml", "--set", "train.batch_size=1", "--set", "train.bptt=2", "--set", "train.epochs=1"]
+    )
     assert code == 0, err
     assert "prepared corpus: data/cache/tokens-" in out and "tokenised" not in out  # fit reused it
     assert len(os.listdir("data/cache")) == 1
@@ -245,20 +273,23 @@ def test_lmtrain_prepare_prints_tokens_per_second_then_reuses(tmp_path):
 
 def test_training_reads_views_of_the_mapped_ids(tmp_path):
     from lmtrain.config import from_dict
-    from lmtrain.train import Trainer
+    from lmtrain.training import Run, train_step
+
     files = write_splits(tmp_path / "txt", train="a b c d e f g h i j k l\n" * 20)
     corpus = prepare_corpus(files, str(tmp_path / "cache"), log=lambda *a: None)
     cfg = from_dict({"model": {"emb_size": 4, "hidden_size": 4}, "train": {"batch_size": 4, "bptt": 5}})
-    trainer = Trainer(cfg, str(tmp_path / "run"), corpus, quiet=True)
-    assert np.shares_memory(trainer.train_data, corpus.train)
-    x, y = trainer.train_data[0:5], trainer.train_data[1:6]
-    loss, norm, ok = trainer.train_step(x, y, 0.1)
+    run = Run(cfg, str(tmp_path / "run"), corpus, quiet=True)
+    assert np.shares_memory(run.streams.data, corpus.train)
+    x, y = run.streams.data[0:5], run.streams.data[1:6]
+    loss, norm, ok = train_step(run.model, run.optimizer, run.streams, x, y, 0.1, cfg.train.clip_grad_norm, run.world)
     assert ok and np.isfinite(loss)
 
 
 def test_the_zipf_benchmark_corpus_is_exact_and_repeatable(tmp_path):
     import importlib.util
+
     from tests.conftest import ROOT
+
     spec = importlib.util.spec_from_file_location("zipf_corpus", ROOT / "benchmarks" / "zipf_corpus.py")
     zipf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(zipf)
@@ -278,13 +309,13 @@ def test_the_model_reads_strided_unsigned_ids_as_it_reads_int64(dtype):
     loss and gradients (embedding dropout on, which indexes by the ids too)."""
     from lmtrain.config import ModelConfig
     from lmtrain.nn.model import LanguageModel
+
     V = 70000 if dtype == np.uint32 else 300
     ids = np.random.default_rng(1).integers(0, V, 4 * 13).astype(dtype)
     view = ids.reshape(4, 13).T  # (13, 4), as batchify lays out a mapped split
     results = []
     for x in (view, np.ascontiguousarray(view, dtype=np.int64)):
-        model = LanguageModel(ModelConfig(emb_size=6, hidden_size=5, embedding_dropout=0.2), V, seed=4,
-                              dtype="float64")
+        model = LanguageModel(ModelConfig(emb_size=6, hidden_size=5, embedding_dropout=0.2), V, seed=4, dtype="float64")
         logits, _ = model.forward(x[:-1], model.init_state(4), train=True)
         loss = model.loss(logits, x[1:])
         model.backward()

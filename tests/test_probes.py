@@ -1,4 +1,6 @@
 """The recall and gradient-flow probes, and the plots, on small models."""
+
+import contextlib
 import json
 import subprocess
 import sys
@@ -8,9 +10,10 @@ import pytest
 
 from lmtrain.config import load_config
 from lmtrain.data.synthetic import SPLIT_STREAMS
+from lmtrain.nn.layers import Loss
 from lmtrain.nn.model import LanguageModel
 from lmtrain.probes import PROBE_STREAM, decay_rate, gradflow, held_out_stories
-from lmtrain.train import fit
+from lmtrain.training import fit
 
 
 def lmtrain(*args):
@@ -27,7 +30,8 @@ def test_stream_mode_scores_the_answer_positions():
     """A stand-in model that predicts the true next token scores every story but the first; an off-by-one one, 0."""
     from lmtrain.config import SyntheticConfig
     from lmtrain.data.vocab import Vocab
-    from lmtrain.probes import _stream_hits
+    from lmtrain.probes import stream_hits
+
     stories = held_out_stories(SyntheticConfig(), 4, 30, set())
     vocab = Vocab(["<eos>", "<unk>"] + sorted({w for t, _ in stories for w in t}))
     stream = [vocab.eos_id]
@@ -36,13 +40,14 @@ def test_stream_mode_scores_the_answer_positions():
 
     class StandIn:
         """Reads the stream; its logits point at the true next token (shifted by ``offset``)."""
+
         def __init__(self, offset):
             self.offset = offset
 
         def init_state(self, batch):
             return [0]
 
-        def forward(self, ids, state):
+        def forward(self, ids, state, train=False):
             logits = np.zeros((len(ids), len(vocab)))
             for i in range(len(ids)):
                 pos = state[0] + i + 1
@@ -52,8 +57,14 @@ def test_stream_mode_scores_the_answer_positions():
         def scores(self, out):  # as LanguageModel's under the full softmax: the logits themselves
             return out
 
-    assert _stream_hits(StandIn(0), vocab, stories) == len(stories) - 1
-    assert _stream_hits(StandIn(1), vocab, stories) == 0
+        def loss(self, out, targets, weights=None, grad=True):  # the evaluation loop sums it; not read here
+            return Loss(0.0, 0.0, float(targets.size))
+
+        def weights_held(self):
+            return contextlib.nullcontext()
+
+    assert stream_hits(StandIn(0), vocab, stories) == len(stories) - 1
+    assert stream_hits(StandIn(1), vocab, stories) == 0
 
 
 def test_probe_stories_are_held_out():
@@ -62,13 +73,26 @@ def test_probe_stories_are_held_out():
     exclude = {" ".join(held_out_stories(cfg, 0, 1, set())[0][0])}
     stories = held_out_stories(cfg, 0, 50, exclude)
     assert all(" ".join(t) not in exclude for t, _ in stories)
-    assert all(t[a - 3:a] == ["said", "hi", "to"] for t, a in stories)
+    assert all(t[a - 3 : a] == ["said", "hi", "to"] for t, a in stories)
 
 
 @pytest.mark.parametrize("mode", ["stream", "prompt"])
 def test_recall_probe_command_and_json(small_run, tmp_path, mode):
-    proc = lmtrain("probe", "recall", "--ckpt", small_run, "--distances", "0,3", "--stories", "20", "--json",
-                   "--plot", tmp_path / "r.png", "--mode", mode)
+    proc = lmtrain(
+        "probe",
+        "recall",
+        "--ckpt",
+        small_run,
+        "--distances",
+        "0,3",
+        "--stories",
+        "20",
+        "--json",
+        "--plot",
+        tmp_path / "r.png",
+        "--mode",
+        mode,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["distances"] == [0, 3] and out["stories"] == 20 and out["mode"] == mode
@@ -79,8 +103,10 @@ def test_recall_probe_command_and_json(small_run, tmp_path, mode):
 
 def test_recall_probe_refuses_a_ptb_model(tmp_path):
     from tests.bad_inputs import run_main
-    (tmp_path / "t.yaml").write_text("data: {source: text, train: t.txt, valid: t.txt, test: t.txt}\n"
-                                     "train: {batch_size: 1, bptt: 2, epochs: 1}\n")
+
+    (tmp_path / "t.yaml").write_text(
+        "data: {source: text, train: t.txt, valid: t.txt, test: t.txt}\ntrain: {batch_size: 1, bptt: 2, epochs: 1}\n"
+    )
     (tmp_path / "t.txt").write_text("a b c d\ne f g\n")
     assert run_main(["fit", str(tmp_path / "t.yaml"), "--run-dir", str(tmp_path / "run"), "--quiet"])[0] == 0
     code, _, err = run_main(["probe", "recall", "--ckpt", str(tmp_path / "run/checkpoints/best.npz")])
@@ -92,6 +118,7 @@ def test_gradflow_at_the_window_start_matches_finite_differences():
     from lmtrain.config import from_dict
     from lmtrain.data.batching import eval_streams, get_batch
     from tests.gradcheck import numerical_grad
+
     cfg = from_dict({"model": {"emb_size": 6, "hidden_size": 8}}).model
     model = LanguageModel(cfg, 20, seed=1, dtype="float64")
     ids = np.random.default_rng(0).integers(0, 20, size=400).astype(np.int32)
@@ -104,7 +131,7 @@ def test_gradflow_at_the_window_start_matches_finite_differences():
 
     def loss():
         logits, _ = model.forward(x, [(h0, c0)])
-        return model.loss(logits, y, w)
+        return model.loss(logits, y, w).mean
 
     for name, s0 in (("h", h0), ("c", c0)):
         fd = numerical_grad(loss, s0, eps=1e-4)  # the gradient is ~1e-6: a larger step keeps rounding small
@@ -118,8 +145,19 @@ def test_decay_rate_recovers_a_known_slope():
 
 
 def test_gradflow_command_at_init(tiny_config, tmp_path):
-    proc = lmtrain("probe", "gradflow", "--config", tiny_config, "--init-only", "--steps", "8", "--batches", "2",
-                   "--plot", tmp_path / "g.png")
+    proc = lmtrain(
+        "probe",
+        "gradflow",
+        "--config",
+        tiny_config,
+        "--init-only",
+        "--steps",
+        "8",
+        "--batches",
+        "2",
+        "--plot",
+        tmp_path / "g.png",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "per-step log-decay" in proc.stdout and (tmp_path / "g.png").exists()
     bad = lmtrain("probe", "gradflow", "--ckpt", "x.npz", "--init-only")
@@ -132,6 +170,7 @@ def test_plot_overlays_runs_and_works_without_matplotlib(small_run, tmp_path, mo
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "c.png").stat().st_size > 1000
     from tests.bad_inputs import run_main
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     code, out, _ = run_main(["plot", str(run), "--out", str(tmp_path / "none.png")])
     assert code == 0 and "pip install -e '.[plot]'" in out and "valid points" in out

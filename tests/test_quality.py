@@ -4,17 +4,19 @@ The quickstart check runs by default (about four minutes, one seed); the
 quickstart's other seeds, the recall preset (about 9 minutes a seed) and the
 PTB presets (five minutes to an hour each) are marked slow (`make test-slow`).
 """
+
 import json
 
 import numpy as np
 import pytest
 
-from lmtrain.checkpoint import load_checkpoint, model_from_checkpoint
+from lmtrain.build import model_from_checkpoint
+from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import load_config
 from lmtrain.data import synthetic
 from lmtrain.generate import generate
 from lmtrain.probes import recall
-from lmtrain.train import fit
+from lmtrain.training import fit
 from tests.conftest import ROOT
 
 EXAMPLE = "tom was watching tv in his room . mary came into the room . mary said hi to"

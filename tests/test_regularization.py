@@ -1,4 +1,5 @@
 """Dropout variants, AR/TAR, NT-ASGD, AdamW, schedules, variable BPTT, time budgets, initialisation."""
+
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from lmtrain.nn.cells import Recurrent
 from lmtrain.nn.layers import Dropout, Embedding
 from lmtrain.nn.model import LanguageModel
 from lmtrain.optim import Adam, AveragedSGD, LRSchedule
-from lmtrain.train import fit
+from lmtrain.training import fit
 from tests.gradcheck import numerical_grad, rel_error
 from tests.test_reliability import events
 from tests.test_train import store_of
@@ -31,8 +32,13 @@ def test_locked_dropout_masks_are_constant_over_time_and_independent_across_the_
 def test_weight_drop_mask_is_fixed_within_a_pass_and_redrawn_between_passes():
     rng = np.random.default_rng(1)
     D, H, B, T = 3, 4, 2, 6
-    layer = Recurrent(rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)), np.zeros(4 * H),
-                      weight_drop=0.5, rng=np.random.default_rng(2))
+    layer = Recurrent(
+        rng.standard_normal((D, 4 * H)),
+        rng.standard_normal((H, 4 * H)),
+        np.zeros(4 * H),
+        weight_drop=0.5,
+        rng=np.random.default_rng(2),
+    )
     x = rng.standard_normal((T, B, D))
     state = (np.zeros((B, H)), np.zeros((B, H)))
     out, _ = layer.forward(x, state, train=True)
@@ -64,9 +70,21 @@ def test_embedding_dropout_removes_whole_words():
 @pytest.mark.parametrize("mode", ["element", "locked"])
 def test_gradients_with_every_regulariser(mode):
     """Locked or element dropout at three rates, embedding dropout, weight drop, AR and TAR, tied, unequal layers."""
-    cfg = ModelConfig(emb_size=5, hidden_size=7, last_hidden_size=5, num_layers=2, tie_weights=True,
-                      dropout_input=0.3, dropout_hidden=0.2, dropout_output=0.4, dropout_mode=mode,
-                      embedding_dropout=0.2, weight_drop=0.3, init="uniform", init_scale=0.4)
+    cfg = ModelConfig(
+        emb_size=5,
+        hidden_size=7,
+        last_hidden_size=5,
+        num_layers=2,
+        tie_weights=True,
+        dropout_input=0.3,
+        dropout_hidden=0.2,
+        dropout_output=0.4,
+        dropout_mode=mode,
+        embedding_dropout=0.2,
+        weight_drop=0.3,
+        init="uniform",
+        init_scale=0.4,
+    )
     V, T, B = 11, 4, 3
     model = LanguageModel(cfg, V, seed=2, dtype="float64")
     model.set_regularization(ar=2.0, tar=1.0)
@@ -79,8 +97,7 @@ def test_gradients_with_every_regulariser(mode):
 
     def objective():
         logits, _ = model.forward(x, state, train=True)
-        model.loss(logits, y)
-        return model.objective
+        return model.loss(logits, y).objective
 
     objective()
     assert model.reg_loss > 0
@@ -98,7 +115,7 @@ def test_ar_and_tar_values():
     x = np.arange(6).reshape(3, 2) % 9
     logits, _ = model.forward(x, model.init_state(2), train=True)
     h = model.h_last
-    expected = 2.0 * np.mean(h ** 2) + 3.0 * np.mean((h[1:] - h[:-1]) ** 2)
+    expected = 2.0 * np.mean(h**2) + 3.0 * np.mean((h[1:] - h[:-1]) ** 2)
     assert model.reg_loss == pytest.approx(expected)
     model.forward(x, model.init_state(2), train=False)
     assert model.reg_loss == 0.0  # evaluation measures the NLL alone
@@ -123,8 +140,10 @@ def test_ntasgd_switches_at_the_documented_condition_and_averages():
 
 
 def test_ntasgd_run_evaluates_and_saves_the_averaged_weights(tmp_path, tiny_config):
-    cfg = load_config(tiny_config, ["train.optimizer=ntasgd", "train.nonmono=1", "train.epochs=8", "train.lr=60",
-                                    "train.clip_grad_norm=0.25"])
+    cfg = load_config(
+        tiny_config,
+        ["train.optimizer=ntasgd", "train.nonmono=1", "train.epochs=8", "train.lr=60", "train.clip_grad_norm=0.25"],
+    )
     run = tmp_path / "run"
     fit(cfg, str(run), quiet=True)
     switches = [e for e in events(run) if e["event"] == "switch_to_averaging"]
@@ -145,8 +164,10 @@ def test_averaging_from_an_epoch_keeps_the_sgd_steps_and_evaluates_their_mean(tm
         cfg = load_config(tiny_config, ["train.optimizer=sgd", "train.lr=2", "train.epochs=3"] + extra)
         fit(cfg, str(tmp_path / name), quiet=True)
         logged = events(tmp_path / name)
-        runs[name] = ([e["ppl"] for e in logged if e["event"] == "valid"],
-                      [e for e in logged if e["event"] == "switch_to_averaging"])
+        runs[name] = (
+            [e["ppl"] for e in logged if e["event"] == "valid"],
+            [e for e in logged if e["event"] == "switch_to_averaging"],
+        )
     plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.npz")
     averaged = load_checkpoint(tmp_path / "averaged" / "checkpoints" / "last.npz")
     (plain_valid, none), (avg_valid, switches) = runs["plain"], runs["averaged"]
@@ -165,19 +186,24 @@ def test_a_run_resumed_while_averaging_ends_with_the_same_weights(tmp_path, tiny
     sets = ["train.optimizer=sgd", "train.lr=2", "train.epochs=3", "train.average_from=1"]
     fit(load_config(tiny_config, sets), str(tmp_path / "whole"), quiet=True)
     per_epoch = next(e["step"] for e in events(tmp_path / "whole") if e["event"] == "switch_to_averaging")
-    fit(load_config(tiny_config, sets + [f"train.max_steps={int(per_epoch * stop_at)}"]), str(tmp_path / "part"),
-        quiet=True)
+    fit(
+        load_config(tiny_config, sets + [f"train.max_steps={int(per_epoch * stop_at)}"]),
+        str(tmp_path / "part"),
+        quiet=True,
+    )
     fit(load_config(tiny_config, sets), str(tmp_path / "part"), resume="last", quiet=True)
     whole, part = (load_checkpoint(tmp_path / run / "checkpoints" / "last.npz") for run in ("whole", "part"))
     for k in whole.params:
         np.testing.assert_array_equal(part.params[k], whole.params[k])
-    assert [e["ppl"] for e in events(tmp_path / "part") if e["event"] == "test"] == \
-        [e["ppl"] for e in events(tmp_path / "whole") if e["event"] == "test"]
+    assert [e["ppl"] for e in events(tmp_path / "part") if e["event"] == "test"] == [
+        e["ppl"] for e in events(tmp_path / "whole") if e["event"] == "test"
+    ]
 
 
 @pytest.mark.parametrize("extra", [["train.optimizer=adam"], ["train.optimizer=sgd", "train.momentum=0.9"]])
 def test_average_from_refuses_what_it_cannot_average(tiny_config, extra):
     from lmtrain.errors import ConfigError
+
     with pytest.raises(ConfigError, match="needs train.optimizer sgd or ntasgd and train.momentum 0"):
         load_config(tiny_config, ["train.average_from=1"] + extra)
 
@@ -202,8 +228,7 @@ def test_adamw_decays_outside_the_adaptive_step():
 
 
 def test_warmup_and_cosine():
-    s = LRSchedule(from_dict({"train": {"lr": 1.0, "lr_schedule": "cosine", "min_lr": 0.1,
-                                        "warmup_steps": 4}}).train)
+    s = LRSchedule(from_dict({"train": {"lr": 1.0, "lr_schedule": "cosine", "min_lr": 0.1, "warmup_steps": 4}}).train)
     assert s.at(0, 0.0) == pytest.approx(0.25) and s.at(3, 0.0) == pytest.approx(1.0)
     assert s.at(10, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)
     assert s.at(10, 1.0) == pytest.approx(0.1)
@@ -211,13 +236,21 @@ def test_warmup_and_cosine():
 
 def test_linear_schedule_falls_in_a_straight_line_to_min_lr():
     s = LRSchedule(from_dict({"train": {"lr": 1.0, "lr_schedule": "linear", "min_lr": 0.1}}).train)
-    assert [s.at(k, p) for k, p in enumerate((0.0, 0.25, 0.5, 1.0, 1.5))] == pytest.approx(
-        [1.0, 0.775, 0.55, 0.1, 0.1])
+    assert [s.at(k, p) for k, p in enumerate((0.0, 0.25, 0.5, 1.0, 1.5))] == pytest.approx([1.0, 0.775, 0.55, 0.1, 0.1])
 
 
 def test_variable_bptt_scales_the_rate_by_the_window(tmp_path, tiny_config):
-    cfg = load_config(tiny_config, ["train.variable_bptt=true", "train.bptt=12", "train.log_every=1",
-                                    "train.optimizer=sgd", "train.lr=1.0", "train.epochs=1"])
+    cfg = load_config(
+        tiny_config,
+        [
+            "train.variable_bptt=true",
+            "train.bptt=12",
+            "train.log_every=1",
+            "train.optimizer=sgd",
+            "train.lr=1.0",
+            "train.epochs=1",
+        ],
+    )
     fit(cfg, str(tmp_path / "run"), quiet=True)
     lrs = [e["lr"] for e in events(tmp_path / "run") if e["event"] == "train"]
     assert len(set(lrs)) > 3  # window lengths differ, and so do the rates
@@ -238,14 +271,16 @@ def test_time_budget_ends_training_evaluated_and_saved(tmp_path, tiny_config):
 
 def test_budget_running_out_during_a_validation_is_reported(tmp_path, tiny_config, monkeypatch):
     """The budget can run out while an epoch's closing validation runs; the run still says why it stopped."""
-    import lmtrain.train as train_module
-    real_evaluate = train_module.evaluate
+    import lmtrain.training.run as run_module
+
+    real_evaluate = run_module.evaluate
 
     def evaluate_then_out_of_time(*args, **kwargs):
         result = real_evaluate(*args, **kwargs)
-        monkeypatch.setattr(train_module.TimeBudget, "elapsed", lambda self: 1e9)
+        monkeypatch.setattr(run_module.TimeBudget, "elapsed", lambda self: 1e9)
         return result
-    monkeypatch.setattr(train_module, "evaluate", evaluate_then_out_of_time)
+
+    monkeypatch.setattr(run_module, "evaluate", evaluate_then_out_of_time)
     cfg = load_config(tiny_config, ["train.epochs=3", "train.time_budget=10"])
     fit(cfg, str(tmp_path / "run"), quiet=True)
     names = [e["event"] for e in events(tmp_path / "run")]
@@ -257,13 +292,14 @@ def test_orthogonal_recurrent_init():
     cfg = ModelConfig(emb_size=6, hidden_size=8, orthogonal_recurrent=True)
     W = LanguageModel(cfg, 10, dtype="float64").params["rnn.0.weight_h"]
     for k in range(4):
-        block = W[:, 8 * k:8 * (k + 1)]
+        block = W[:, 8 * k : 8 * (k + 1)]
         np.testing.assert_allclose(block.T @ block, np.eye(8), atol=1e-12)
 
 
 def test_tying_with_a_different_last_layer():
-    cfg = from_dict({"model": {"emb_size": 5, "hidden_size": 9, "last_hidden_size": 5, "num_layers": 3,
-                               "tie_weights": True}})
+    cfg = from_dict(
+        {"model": {"emb_size": 5, "hidden_size": 9, "last_hidden_size": 5, "num_layers": 3, "tie_weights": True}}
+    )
     model = LanguageModel(cfg.model, 12)
     assert model.params["rnn.2.weight_h"].shape == (5, 20) and model.params["rnn.1.weight_x"].shape == (9, 36)
     assert "decoder.weight" not in model.params

@@ -1,4 +1,5 @@
 """Runs survive interrupts, kills, divergence and disk failures, and resume exactly."""
+
 import glob
 import json
 import os
@@ -15,7 +16,7 @@ from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import load_config
 from lmtrain.errors import LmtrainError
 from lmtrain.nn.model import LanguageModel
-from lmtrain.train import fit
+from lmtrain.training import fit
 
 # Everything that carries state across steps is switched on: dropout and state
 # resets (random generators), Adam (moments), a step schedule, two layers.
@@ -37,8 +38,12 @@ def train_losses(run):
 
 
 def start(cfg, run, *extra):
-    return subprocess.Popen([sys.executable, "-m", "lmtrain", "fit", str(cfg), "--run-dir", str(run), "--quiet",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmtrain", "fit", str(cfg), "--run-dir", str(run), "--quiet", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def count_train_lines(run):
@@ -127,8 +132,12 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(resumable, re
     run = tmp_path / "killed"
     ckpt_dir = run / "checkpoints"
     # writes: last.npz at step 0, then last.npz at steps 9, 18, 27: stop inside the fourth
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_BEFORE_RENAME, "4", "fit", str(resumable), "--run-dir",
-                             str(run), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSE_BEFORE_RENAME, "4", "fit", str(resumable), "--run-dir", str(run), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "PAUSED", proc.stderr.read()
     assert len(glob.glob(str(ckpt_dir / ".last.npz.tmp-*"))) == 1
     proc.kill()
@@ -225,6 +234,7 @@ def inject_nan(monkeypatch, at_calls):
         if calls["n"] in at_calls:
             self.grads["decoder.bias"][0] = np.nan
         return out
+
     monkeypatch.setattr(LanguageModel, "backward", backward)
 
 
@@ -252,7 +262,7 @@ def test_repeated_nans_reload_the_last_checkpoint_at_a_lower_rate(resumable, tmp
     assert len(recover) == 1
     assert recover[0]["from_step"] == 36  # last periodic checkpoint (every 9 steps)
     assert recover[0]["lr"] == pytest.approx(0.003 * 0.5)
-    after = [e for e in ev[ev.index(recover[0]):] if e["event"] == "train"]
+    after = [e for e in ev[ev.index(recover[0]) :] if e["event"] == "train"]
     assert after[0]["step"] == 37 and after[0]["lr"] == pytest.approx(0.0015)
     assert result["bad_steps"] == 5 and np.isfinite(result["test_ppl"])
 
@@ -271,6 +281,7 @@ def test_a_failed_checkpoint_write_stops_cleanly(resumable, tmp_path, monkeypatc
 
     def no_space(*a, **k):
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(np.lib.format, "write_array", no_space)
     with pytest.raises(LmtrainError, match="cannot write checkpoint .*No space left on device") as err:
         fit(load_config(resumable, ["train.max_steps=30"]), run, resume="last", quiet=True)

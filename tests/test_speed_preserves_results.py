@@ -1,4 +1,5 @@
 """The speed work must not change results: fixed-seed loss curves against those of the code before it."""
+
 import json
 
 import numpy as np

@@ -4,10 +4,12 @@ import math
 import numpy as np
 import pytest
 
-from lmtrain.config import load_config, from_dict
+from lmtrain.config import from_dict, load_config
+from lmtrain.nn.layout import Layout, Param
 from lmtrain.nn.params import ParamStore
-from lmtrain.optim import LRSchedule, SGD, Adam, clip_scale, grad_norm
-from lmtrain.train import fit, reset_streams
+from lmtrain.optim import SGD, Adam, LRSchedule, clip_scale, grad_norm
+from lmtrain.training import fit
+from lmtrain.training.streams import reset_streams
 
 
 def quiet(*a, **k):
@@ -25,7 +27,10 @@ def test_same_seed_gives_identical_checkpoints(tiny_config, tmp_path):
                     assert np.array_equal(a[key], b[key]), key
     other = load_config(tiny_config, ["seed=4"])
     fit(other, str(tmp_path / "c"), quiet=True)
-    with np.load(tmp_path / "a" / "checkpoints" / "last.npz") as a, np.load(tmp_path / "c" / "checkpoints" / "last.npz") as c:
+    with (
+        np.load(tmp_path / "a" / "checkpoints" / "last.npz") as a,
+        np.load(tmp_path / "c" / "checkpoints" / "last.npz") as c,
+    ):
         assert not np.array_equal(a["param/decoder.bias"], c["param/decoder.bias"])
 
 
@@ -43,12 +48,15 @@ def test_max_steps_stops_early(tiny_config, tmp_path):
     assert result["steps"] == 3
 
 
-def store_of(**arrays):
-    """A ParamStore holding the given float64 parameter values."""
-    store = ParamStore("float64")
-    for name, value in arrays.items():
-        store.block(name, np.shape(value), {name: np.s_[...]})
-    store.build(order=list(arrays))
+def store_of(dtype="float64", **arrays):
+    """A ParamStore holding the given parameter values, one block each."""
+    shapes = {name: np.shape(value) for name, value in arrays.items()}
+    layout = Layout(
+        [(name, shape) for name, shape in shapes.items()],
+        [Param(name, shape, name, np.s_[...], None) for name, shape in shapes.items()],
+        {},
+    )
+    store = ParamStore(dtype).build(layout)
     for name, value in arrays.items():
         store.params[name][...] = value
     return store
@@ -101,8 +109,9 @@ def test_step_schedule_halves_after_the_start_epoch():
 
 def test_plateau_schedule_waits_for_patience():
     s = schedule(lr=1.0, lr_schedule="plateau", lr_decay=0.1, plateau_patience=1)
-    assert [s.epoch_end(e, p) for e, p in enumerate([10, 9, 9.5, 9.6, 8], 1)] == \
-        pytest.approx([1.0, 1.0, 1.0, 0.1, 0.1])
+    assert [s.epoch_end(e, p) for e, p in enumerate([10, 9, 9.5, 9.6, 8], 1)] == pytest.approx(
+        [1.0, 1.0, 1.0, 0.1, 0.1]
+    )
     assert schedule(lr=2.0).epoch_end(1, math.inf) == 2.0
 
 
@@ -118,9 +127,17 @@ def test_gradient_accumulation_makes_the_same_updates(tiny_config, tmp_path, opt
     the same losses to rounding, whatever the split (with state resets and clipping in play)."""
     curves = []
     for n in (1, 2, 4):
-        cfg = load_config(tiny_config, [f"train.accumulate={n}", "train.dtype=float64", f"train.optimizer={optimizer}",
-                                        "train.state_reset_prob=0.2", "train.clip_grad_norm=0.3", "train.lr=0.5"
-                                        if optimizer == "sgd" else "train.lr=0.01"])
+        cfg = load_config(
+            tiny_config,
+            [
+                f"train.accumulate={n}",
+                "train.dtype=float64",
+                f"train.optimizer={optimizer}",
+                "train.state_reset_prob=0.2",
+                "train.clip_grad_norm=0.3",
+                "train.lr=0.5" if optimizer == "sgd" else "train.lr=0.01",
+            ],
+        )
         fit(cfg, str(tmp_path / f"n{n}"), quiet=True)
         events = [json.loads(l) for l in (tmp_path / f"n{n}" / "metrics.jsonl").read_text().splitlines()]
         curves.append([(e["event"], e["step"], e["loss"]) for e in events if e["loss"] is not None])
@@ -131,5 +148,6 @@ def test_gradient_accumulation_makes_the_same_updates(tiny_config, tmp_path, opt
 
 def test_accumulation_must_divide_the_streams(tiny_config, tmp_path):
     from lmtrain.errors import LmtrainError
+
     with pytest.raises(LmtrainError, match="train.batch_size 4 must divide by the 1 rank times train.accumulate 3"):
         fit(load_config(tiny_config, ["train.accumulate=3"]), str(tmp_path / "run"), quiet=True)

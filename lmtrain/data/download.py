@@ -14,6 +14,7 @@ the mark of a zip bomb).  The wanted members are then extracted into a
 temporary directory inside the target and moved into place only when all of
 them are there; on any failure that directory is removed.
 """
+
 import hashlib
 import http.client
 import os
@@ -35,7 +36,7 @@ CHUNK = 1 << 20
 # training split, is 0.5 GiB; text compresses about 3x).
 MAX_MEMBER_BYTES = 2 << 30
 MAX_TOTAL_BYTES = 4 << 30
-MAX_RATIO = 50          # uncompressed / compressed, for members over RATIO_FLOOR bytes
+MAX_RATIO = 50  # uncompressed / compressed, for members over RATIO_FLOOR bytes
 RATIO_FLOOR = 1 << 20
 MAX_MEMBERS = 10000
 
@@ -64,31 +65,7 @@ def download(url, dest, sha256, size=None, max_bytes=None, timeout=60, hint="", 
             resp = None  # the range starts at the end: the .part file already holds everything
         if resp is not None:
             with resp:
-                if have and resp.status != 206:  # the server sends the whole file: start over
-                    have, h = 0, hashlib.sha256()
-                elif have and not (resp.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
-                    raise DataError(f"could not resume the download of {url}: the server answered with the range "
-                                    f"{resp.headers.get('Content-Range')!r}; delete {part} to start over")
-                length = resp.headers.get("Content-Length")
-                total = have + int(length) if length and length.isdigit() else size
-                if limit is not None and total is not None and total > limit:
-                    raise DataError(f"download of {url} announces {total:,} bytes, more than the {limit:,} of "
-                                    f"the file expected{hint}")
-                with open(part, "ab" if have else "wb") as out, tqdm(
-                        total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(dest),
-                        leave=False, dynamic_ncols=True, disable=None if progress else True) as bar:
-                    for chunk in iter(lambda: resp.read(CHUNK), b""):
-                        have += len(chunk)
-                        if limit is not None and have > limit:
-                            out.close()
-                            os.remove(part)
-                            raise DataError(f"download of {url} is larger than the {limit:,} bytes of the file "
-                                            f"expected; nothing was kept{hint}")
-                        h.update(chunk)
-                        out.write(chunk)
-                        bar.update(len(chunk))
-                if length and length.isdigit() and have < total:  # http.client ends a cut transfer quietly
-                    raise http.client.IncompleteRead(b"", total - have)
+                h = _receive(resp, url, dest, part, have, h, size, limit, hint, progress)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or err
         if isinstance(err, http.client.IncompleteRead):
@@ -98,9 +75,56 @@ def download(url, dest, sha256, size=None, max_bytes=None, timeout=60, hint="", 
         raise DataError(f"could not download {url} ({reason}){resume}{hint}") from None
     if h.hexdigest() != sha256:
         os.remove(part)
-        raise DataError(f"download of {url} does not match its pinned SHA-256 (got {h.hexdigest()[:16]}..., "
-                        f"expected {sha256[:16]}...); nothing was kept{hint}")
+        raise DataError(
+            f"download of {url} does not match its pinned SHA-256 (got {h.hexdigest()[:16]}..., "
+            f"expected {sha256[:16]}...); nothing was kept{hint}"
+        )
     os.replace(part, dest)
+
+
+def _receive(resp, url, dest, part, have, h, size, limit, hint, progress):
+    """Append the body of ``resp`` to ``part``, which holds ``have`` bytes already hashed into ``h``; returns
+    the hash of the whole.  A server that ignores the range request sends the whole file: it starts over."""
+    if have and resp.status != 206:
+        have, h = 0, hashlib.sha256()
+    elif have and not (resp.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
+        raise DataError(
+            f"could not resume the download of {url}: the server answered with the range "
+            f"{resp.headers.get('Content-Range')!r}; delete {part} to start over"
+        )
+    length = resp.headers.get("Content-Length")
+    total = have + int(length) if length and length.isdigit() else size
+    if limit is not None and total is not None and total > limit:
+        raise DataError(
+            f"download of {url} announces {total:,} bytes, more than the {limit:,} of the file expected{hint}"
+        )
+    with (
+        open(part, "ab" if have else "wb") as out,
+        tqdm(
+            total=total,
+            initial=have,
+            unit="B",
+            unit_scale=True,
+            desc=os.path.basename(dest),
+            leave=False,
+            dynamic_ncols=True,
+            disable=None if progress else True,
+        ) as bar,
+    ):
+        for chunk in iter(lambda: resp.read(CHUNK), b""):
+            have += len(chunk)
+            if limit is not None and have > limit:
+                out.close()
+                os.remove(part)
+                raise DataError(
+                    f"download of {url} is larger than the {limit:,} bytes of the file expected; nothing was kept{hint}"
+                )
+            h.update(chunk)
+            out.write(chunk)
+            bar.update(len(chunk))
+    if length and length.isdigit() and have < total:  # http.client ends a cut transfer quietly
+        raise http.client.IncompleteRead(b"", total - have)
+    return h
 
 
 def hash_file(path):
@@ -148,11 +172,15 @@ def check_members(zf, archive):
         if info.file_size > MAX_MEMBER_BYTES:
             raise refuse(f"would unpack to {info.file_size:,} bytes, more than the {MAX_MEMBER_BYTES:,} allowed")
         if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-            raise refuse(f"is compressed {info.file_size // max(info.compress_size, 1):,} to 1, more than "
-                         f"text ever is (a zip bomb?)")
+            raise refuse(
+                f"is compressed {info.file_size // max(info.compress_size, 1):,} to 1, more than "
+                f"text ever is (a zip bomb?)"
+            )
         if total > MAX_TOTAL_BYTES:
-            raise DataError(f"archive {archive} refused: it would unpack to more than {MAX_TOTAL_BYTES:,} bytes; "
-                            f"nothing was unpacked")
+            raise DataError(
+                f"archive {archive} refused: it would unpack to more than {MAX_TOTAL_BYTES:,} bytes; "
+                f"nothing was unpacked"
+            )
         members.append((info, parts))
     return members
 

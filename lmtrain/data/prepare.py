@@ -30,8 +30,7 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from lmtrain.data.corpus import (SPLITS, Corpus, block_tokens, check_has_tokens, encode_blocks, id_dtype,
-                                 read_blocks)
+from lmtrain.data.corpus import SPLITS, Corpus, block_tokens, check_has_tokens, encode_blocks, id_dtype, read_blocks
 from lmtrain.data.download import sha256_file
 from lmtrain.data.vocab import EOS, Vocab
 from lmtrain.errors import DataError, require_file

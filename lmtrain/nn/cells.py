@@ -18,101 +18,14 @@ tanh' at every step, and vanishes or explodes.
 ``Recurrent`` splits the work the way the math allows: the input part
 ``x W_x + b`` of every step and every weight gradient are single products over
 the whole window; only ``h_{t-1} W_h`` and the element-wise cell run per step
-(``forward``/``backward`` of a cell: one window; ``step_*``: one time step).
+(a cell's ``forward`` and ``backward`` run the loop over the window's steps).
 
-Where the fused kernels are in use (``lmtrain.backend.fused``, numba) each
-step's element-wise work is one call to a kernel of ``lmtrain/nn/fused.py``
-doing what the numpy lines beside it do, in one pass; at small batches the
-step's product with W_h is a kernel too (``StepProducts``).
+This is the reference: what each step computes, in numpy.  lmtrain/fast/ has
+the same layer with each step's element-wise work fused into compiled kernels.
 """
-import lmtrain
-from lmtrain.backend import fused, xp
-from lmtrain.nn.layers import keep_mask, row_buffer
 
-
-def padded_width(n):
-    """n rounded up to whole 16-float vectors: a dot product over rows padded with zeros has no scalar tail."""
-    return -(-n // 16) * 16
-
-
-class StepProducts:
-    """The two products a time step makes with W_h: ``h_{t-1} W_h`` forward and ``d W_h^T`` backward.
-
-    Every other product of a window is one large product over all its steps (``Recurrent``); these
-    two are small, B rows (the batch) at a time.  numpy hands them to BLAS.  Where the fused kernels
-    are in use and 2 <= B <= 20, ``fused.matmul_t`` does them from W_h^T laid out once per window,
-    1.2-4x faster at those sizes (docs/performance.md); beyond 20 rows BLAS is as fast or faster, at
-    one row as fast.  The copy costs what the kernel saves in 3-4 forward steps, so windows shorter
-    than MIN_STEPS (generation's single steps) keep BLAS.  One per layer: it owns the copy, reused
-    from window to window.  Where the kernel makes the products, the LSTM runs its whole loop in one
-    kernel call (``fused.lstm_window_forward``/``_backward``), which reads ``wt``, ``x`` and ``Wh`` from here.
-    """
-
-    ROWS = range(2, 21)
-    MIN_STEPS = 4
-
-    def __init__(self):
-        self.Wh, self.kernel, self.wt, self.x = None, None, None, None
-        self.source = None  # the bits of the W_h that ``wt`` was made from, kept where ``load`` may reuse it
-
-    @classmethod
-    def kernel_for(cls, B, T):
-        """The kernels module where a window of T steps at batch B goes to the kernel, else None (BLAS)."""
-        k = fused()
-        use = B in cls.ROWS and T >= cls.MIN_STEPS and lmtrain.OPENBLAS_SPINS_SHORT
-        return k if k is not None and use else None
-
-    def load(self, Wh, B, T, reuse=False, same=False):
-        """Use ``Wh`` (H, G*H) for the steps of a window of T steps at batch B.
-
-        ``reuse`` (evaluation, whose weights stay put from window to window) keeps the transposed copy
-        when W_h is, bit for bit, the one it was made from: comparing reads W_h and a copy of it in order,
-        while transposing writes across rows (docs/performance.md).  ``same`` is the caller's promise that
-        W_h has not changed since the previous ``load`` (an evaluation's windows after its first): where
-        ``reuse`` allows it, the copy is then kept without comparing.  Training, whose weights move every
-        step, transposes every window and drops the copy, so a later evaluation never reuses a transpose
-        of weights that training has since changed or masked.
-        """
-        self.Wh = Wh
-        self.kernel = k = self.kernel_for(B, T)
-        if k is None:
-            return
-        H, G = Wh.shape
-        self.x = row_buffer(self.x, B, padded_width(H), Wh.dtype, xp.zeros)
-        reuse = reuse and Wh.flags.c_contiguous  # (W_h is a whole block of the parameter buffer)
-        if reuse:
-            bits = Wh.view(f"i{Wh.dtype.itemsize}")  # the same shape, its floats read as integers
-            old = self.source
-            if (old is not None and old.dtype == bits.dtype and old.shape == bits.shape
-                    and (same or k.same_bits(bits.reshape(-1), old.reshape(-1)))):
-                return
-        self.wt = row_buffer(self.wt, G, padded_width(H), Wh.dtype, xp.zeros)[:G]
-        k.transpose_into(Wh, self.wt[:, :H])
-        self.source = bits.copy() if reuse else None
-
-    def times(self, h, out):
-        """h W_h (B, G*H) into ``out``."""
-        if self.kernel is None:
-            return xp.matmul(h, self.Wh, out=out)
-        B, H = h.shape
-        x = self.x[:B]
-        x[:, :H] = h
-        self.kernel.matmul_t(x, self.wt, out)
-        return out
-
-    def out_t(self, B, dtype):
-        """The buffer ``times_t`` writes into, one per backward pass: (B, H) for the kernel, (H, B) for BLAS,
-        which computes d W_h^T as (W_h d^T)^T: 8% faster than d @ W_h^T at (20 x 2600) x (2600 x 650),
-        and W_h needs no transposed copy."""
-        H = self.Wh.shape[0]
-        return xp.empty((B, H) if self.kernel is not None else (H, B), dtype)
-
-    def times_t(self, d, out):
-        """d W_h^T (B, H) into ``out`` (from ``out_t``); the result is ``out`` or a view of it."""
-        if self.kernel is None:
-            return xp.matmul(self.Wh, d.T, out=out).T
-        self.kernel.matmul_t(d, self.Wh, out)
-        return out
+from lmtrain.backend import xp
+from lmtrain.nn.layers import keep_mask
 
 
 def sigmoid_(a):
@@ -124,26 +37,19 @@ def sigmoid_(a):
     return a
 
 
-class _Buffers:
-    """Per-window arrays a cell owns; they grow with the window and are reused, never reallocated per step."""
-
-    def __init__(self):
-        self._cap = (0, None, None)
-        self._arrays = {}
-
-    def get(self, T, B, dtype, **widths):
-        """Views of shape (T + extra, B, width) for name=(extra, width)."""
-        if self._cap[0] < T or self._cap[1:] != (B, dtype):
-            cap = max(T, self._cap[0] if self._cap[1:] == (B, dtype) else 0)
-            self._arrays = {k: xp.empty((cap + extra, B, w), dtype) for k, (extra, w) in widths.items()}
-            self._cap = (cap, B, dtype)
-        return {k: a[:T + widths[k][0]] for k, a in self._arrays.items()}
+def times_t(Wh, d):
+    """d W_h^T, computed as (W_h d^T)^T: 8% faster than d @ W_h^T at (20 x 2600) x (2600 x 650), and
+    W_h needs no transposed copy."""
+    return xp.matmul(Wh, d.T).T
 
 
 class Cell:
-    """What a cell declares: ``gates`` blocks of H columns in W_x, W_h and b; the names of its
-    state arrays; extra parameters beyond those three.  ``forward`` and ``backward`` run a window,
-    making their products with W_h through ``wh``, the layer's StepProducts."""
+    """What a cell declares: ``gates`` blocks of H columns in W_x, W_h and b; the names of its state
+    arrays; extra parameters beyond those three.  ``forward(ax, state, Wh, extra)`` runs a window from
+    ax = x W_x + b; ``backward(dh_out, dstate, Wh, extra, step_hook)`` returns the gradients of ax and
+    of h W_h (the same array where they coincide), of the initial state, and of the extras.
+    ``step_hook(t, gradients)``, when given, sees the gradient arriving at each step's state (the
+    gradient-flow probe)."""
 
     gates = 1
     state_names = ("h",)
@@ -151,8 +57,6 @@ class Cell:
 
     def __init__(self, hidden_size):
         self.H = hidden_size
-        self.buf = _Buffers()
-        self.probe = None  # a list: backward appends the gradient at every state, last step first
 
 
 class LSTMCell(Cell):
@@ -165,9 +69,9 @@ class LSTMCell(Cell):
     def step_forward(self, a, c_prev, out_c, out_tanh_c, out_h):
         """``a`` (B, 4H) holds the full pre-activations; turned into activations in place."""
         H = self.H
-        sigmoid_(a[:, :3 * H])
-        xp.tanh(a[:, 3 * H:], out=a[:, 3 * H:])
-        f, i, o, g = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
+        sigmoid_(a[:, : 3 * H])
+        xp.tanh(a[:, 3 * H :], out=a[:, 3 * H :])
+        f, i, o, g = a[:, :H], a[:, H : 2 * H], a[:, 2 * H : 3 * H], a[:, 3 * H :]
         xp.multiply(f, c_prev, out=out_c)
         out_c += i * g
         xp.tanh(out_c, out=out_tanh_c)
@@ -180,176 +84,137 @@ class LSTMCell(Cell):
         gradients arriving at h_t and c_t (``dc`` is modified).
         """
         H = self.H
-        f, i, o, g = act[:, :H], act[:, H:2 * H], act[:, 2 * H:3 * H], act[:, 3 * H:]
+        f, i, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
         do = dh * tanh_c
         # dc += dh * o * (1 - tanh(c)^2)
         dtc = dh * o
         dtc *= 1.0 - tanh_c * tanh_c
         dc += dtc
-        df, di, dg = out_da[:, :H], out_da[:, H:2 * H], out_da[:, 3 * H:]
+        df, di, dg = out_da[:, :H], out_da[:, H : 2 * H], out_da[:, 3 * H :]
         xp.multiply(dc, c_prev, out=df)
         xp.multiply(dc, g, out=di)
         xp.multiply(dc, i, out=dg)
-        out_da[:, 2 * H:3 * H] = do
+        out_da[:, 2 * H : 3 * H] = do
         # through the nonlinearities: sigmoid' = s (1 - s), tanh' = 1 - t^2
-        s = act[:, :3 * H]
-        out_da[:, :3 * H] *= s * (1.0 - s)
-        out_da[:, 3 * H:] *= 1.0 - g * g
+        s = act[:, : 3 * H]
+        out_da[:, : 3 * H] *= s * (1.0 - s)
+        out_da[:, 3 * H :] *= 1.0 - g * g
         return dc * f
 
     # -- one window -----------------------------------------------------------
-    def forward(self, ax, state, wh, extra):
+    def forward(self, ax, state, Wh, extra):
         """``ax`` (T, B, 4H): x W_x + b, turned into gate activations in place.  Returns h (T+1, B, H)."""
-        T, B, _ = ax.shape
-        b = self.buf.get(T, B, ax.dtype, h=(1, self.H), c=(1, self.H), tanh_c=(0, self.H),
-                         dact=(0, 4 * self.H), u=(0, 4 * self.H))
-        self.act, self.h, self.c, self.tanh_c, self.dact = ax, b["h"], b["c"], b["tanh_c"], b["dact"]
-        h, c, u = self.h, self.c, b["u"]
+        T, B, G = ax.shape
+        H = self.H
+        self.act = ax
+        self.h, self.c = xp.empty((T + 1, B, H), ax.dtype), xp.empty((T + 1, B, H), ax.dtype)
+        self.tanh_c = xp.empty((T, B, H), ax.dtype)
+        h, c, u = self.h, self.c, xp.empty((T, B, G), ax.dtype)
         h[0], c[0] = state
-        k = fused()
-        if wh.kernel is not None:  # the step products are fused.matmul_t's too: the whole loop in one call
-            k.lstm_window_forward(ax, u, c, self.tanh_c, h, wh.wt, wh.x[:B])
-        else:
-            for t in range(T):
-                wh.times(h[t], u[t])
-                if k is not None:
-                    k.lstm_step_forward(ax[t], u[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
-                else:
-                    ax[t] += u[t]
-                    self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
+        for t in range(T):
+            xp.matmul(h[t], Wh, out=u[t])
+            ax[t] += u[t]
+            self.step_forward(ax[t], c[t], c[t + 1], self.tanh_c[t], h[t + 1])
         return h, (h[T].copy(), c[T].copy())
 
-    def backward(self, dh_out, dstate, wh, extra):
-        """(d ax, d ah, d state_0, extra grads); for the LSTM d ax and d ah are one array."""
+    def backward(self, dh_out, dstate, Wh, extra, step_hook=None):
+        """For the LSTM the gradients of ax and of h W_h are one array."""
         T, B, H = dh_out.shape
-        dact, dhT = self.dact, wh.out_t(B, dh_out.dtype)
+        dact = xp.empty((T, B, 4 * H), dh_out.dtype)
         if dstate is None:
             dh_next, dc = xp.zeros((B, H), dh_out.dtype), xp.zeros((B, H), dh_out.dtype)
         else:
             dh_next, dc = dstate[0].copy(), dstate[1].copy()
-        k = None if self.probe is not None else fused()  # the probe reads dh and dc, which the kernel never forms
-        if k is not None and wh.kernel is not None:  # as in forward: the whole loop in one call
-            k.lstm_window_backward(self.act, self.c, self.tanh_c, dh_out, dh_next, dc, dact, wh.Wh, dhT)
-            dh_next = dhT
-        else:
-            for t in reversed(range(T)):
-                if k is not None:  # dc becomes the gradient at c_{t-1} in place
-                    k.lstm_step_backward(self.act[t], self.c[t], self.tanh_c[t], dh_out[t], dh_next, dc, dact[t])
-                else:
-                    dh = dh_out[t] + dh_next
-                    dc_t = dc  # step_backward completes it in place: the whole gradient at c_t
-                    dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
-                    if self.probe is not None:
-                        self.probe.append({"h": dh.copy(), "c": dc_t.copy()})
-                dh_next = wh.times_t(dact[t], dhT)
+        for t in reversed(range(T)):
+            dh = dh_out[t] + dh_next
+            dc_t = dc  # step_backward completes it in place: the whole gradient at c_t
+            dc = self.step_backward(self.act[t], self.c[t], self.tanh_c[t], dh, dc, dact[t])
+            if step_hook is not None:
+                step_hook(t, {"h": dh.copy(), "c": dc_t.copy()})
+            dh_next = times_t(Wh, dact[t])
         return dact, dact, (dh_next, dc), {}
 
 
 class GRUCell(Cell):
     """Gates r, z, n (reset applied after the recurrent product, as cuDNN and PyTorch do); state (h,).
 
-        r = sigmoid(a_r + u_r),  z = sigmoid(a_z + u_z),  n = tanh(a_n + r * (u_n + b_hn))
-        h_t = (1 - z) * n + z * h_{t-1}          with a = x W_x + b and u = h_{t-1} W_h
+    r = sigmoid(a_r + u_r),  z = sigmoid(a_z + u_z),  n = tanh(a_n + r * (u_n + b_hn))
+    h_t = (1 - z) * n + z * h_{t-1}          with a = x W_x + b and u = h_{t-1} W_h
     """
 
     gates = 3
     extra_params = {"bias_h": lambda H: (H,)}  # b_hn: inside the reset product, so not mergeable into b
 
-    def forward(self, ax, state, wh, extra):
+    def forward(self, ax, state, Wh, extra):
         T, B, G = ax.shape
         H = self.H
-        b = self.buf.get(T, B, ax.dtype, h=(1, H), un=(0, H), dax=(0, G), dah=(0, G), u=(0, G))
-        self.act, self.h, self.un, self.dax, self.dah = ax, b["h"], b["un"], b["dax"], b["dah"]
+        self.act = ax
+        self.h, self.un = xp.empty((T + 1, B, H), ax.dtype), xp.empty((T, B, H), ax.dtype)
         h, un, b_hn = self.h, self.un, extra["bias_h"]
-        h[0], = state
-        k = fused()
+        (h[0],) = state
         for t in range(T):
-            u = wh.times(h[t], b["u"][t])
-            if k is not None:
-                k.gru_step_forward(ax[t], u, b_hn, h[t], un[t], h[t + 1])
-            else:
-                a = ax[t]
-                a[:, :2 * H] += u[:, :2 * H]
-                sigmoid_(a[:, :2 * H])                       # r, z
-                xp.add(u[:, 2 * H:], b_hn, out=un[t])        # u_n + b_hn, kept for backward
-                n = a[:, 2 * H:]
-                n += a[:, :H] * un[t]
-                xp.tanh(n, out=n)
-                z = a[:, H:2 * H]
-                xp.subtract(h[t], n, out=h[t + 1])           # h_t = n + z (h_{t-1} - n)
-                h[t + 1] *= z
-                h[t + 1] += n
+            u = xp.matmul(h[t], Wh)
+            a = ax[t]
+            a[:, : 2 * H] += u[:, : 2 * H]
+            sigmoid_(a[:, : 2 * H])  # r, z
+            xp.add(u[:, 2 * H :], b_hn, out=un[t])  # u_n + b_hn, kept for backward
+            n = a[:, 2 * H :]
+            n += a[:, :H] * un[t]
+            xp.tanh(n, out=n)
+            z = a[:, H : 2 * H]
+            xp.subtract(h[t], n, out=h[t + 1])  # h_t = n + z (h_{t-1} - n)
+            h[t + 1] *= z
+            h[t + 1] += n
         return h, (h[T].copy(),)
 
-    def backward(self, dh_out, dstate, wh, extra):
+    def backward(self, dh_out, dstate, Wh, extra, step_hook=None):
         T, B, H = dh_out.shape
-        act, h, un, dax, dah = self.act, self.h, self.un, self.dax, self.dah
-        dhT = wh.out_t(B, dh_out.dtype)
+        act, h, un = self.act, self.h, self.un
+        dax, dah = xp.empty((T, B, 3 * H), dh_out.dtype), xp.empty((T, B, 3 * H), dh_out.dtype)
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
-        k = None if self.probe is not None else fused()
-        if k is not None:
-            # the gradient at h_t arrives in three parts: from the output, through z and through W_h
-            dh_w = xp.zeros((B, H), dh_out.dtype)
-            for t in reversed(range(T)):
-                k.gru_step_backward(act[t], un[t], h[t], dh_out[t], dh_next, dh_w, dax[t], dah[t])
-                dh_w = wh.times_t(dah[t], dhT)
-            dh_next += dh_w
-        else:
-            for t in reversed(range(T)):
-                r, z, n = act[t, :, :H], act[t, :, H:2 * H], act[t, :, 2 * H:]
-                dh = dh_out[t] + dh_next
-                dan = dh * (1.0 - z)
-                dan *= 1.0 - n * n                              # through tanh
-                dax[t, :, 2 * H:] = dan
-                xp.multiply(dan, r, out=dah[t, :, 2 * H:])      # d u_n
-                dr = dan * un[t]
-                dz = dh * (h[t] - n)
-                dr *= r * (1.0 - r)
-                dz *= z * (1.0 - z)
-                dax[t, :, :H] = dr
-                dax[t, :, H:2 * H] = dz
-                dah[t, :, :2 * H] = dax[t, :, :2 * H]
-                if self.probe is not None:
-                    self.probe.append({"h": dh.copy()})
-                dh_next = dh * z
-                dh_next += wh.times_t(dah[t], dhT)
-        return dax, dah, (dh_next,), {"bias_h": dah[:, :, 2 * H:].sum(axis=(0, 1))}
+        for t in reversed(range(T)):
+            r, z, n = act[t, :, :H], act[t, :, H : 2 * H], act[t, :, 2 * H :]
+            dh = dh_out[t] + dh_next
+            dan = dh * (1.0 - z)
+            dan *= 1.0 - n * n  # through tanh
+            dax[t, :, 2 * H :] = dan
+            xp.multiply(dan, r, out=dah[t, :, 2 * H :])  # d u_n
+            dr = dan * un[t]
+            dz = dh * (h[t] - n)
+            dr *= r * (1.0 - r)
+            dz *= z * (1.0 - z)
+            dax[t, :, :H] = dr
+            dax[t, :, H : 2 * H] = dz
+            dah[t, :, : 2 * H] = dax[t, :, : 2 * H]
+            if step_hook is not None:
+                step_hook(t, {"h": dh.copy()})
+            dh_next = dh * z
+            dh_next += times_t(Wh, dah[t])
+        return dax, dah, (dh_next,), {"bias_h": dah[:, :, 2 * H :].sum(axis=(0, 1))}
 
 
 class RNNCell(Cell):
     """The plain (Elman) tanh RNN: h_t = tanh(x W_x + h_{t-1} W_h + b); state (h,)."""
 
-    def forward(self, ax, state, wh, extra):
+    def forward(self, ax, state, Wh, extra):
         T, B, _ = ax.shape
-        b = self.buf.get(T, B, ax.dtype, h=(1, self.H), da=(0, self.H), u=(0, self.H))
-        self.h, self.da = b["h"], b["da"]
-        h = self.h
-        h[0], = state
-        k = fused()
+        self.h = h = xp.empty((T + 1, B, self.H), ax.dtype)
+        (h[0],) = state
         for t in range(T):
-            u = wh.times(h[t], b["u"][t])
-            if k is not None:
-                k.rnn_step_forward(ax[t], u, h[t + 1])
-            else:
-                ax[t] += u
-                xp.tanh(ax[t], out=h[t + 1])
+            ax[t] += xp.matmul(h[t], Wh)
+            xp.tanh(ax[t], out=h[t + 1])
         return h, (h[T].copy(),)
 
-    def backward(self, dh_out, dstate, wh, extra):
+    def backward(self, dh_out, dstate, Wh, extra, step_hook=None):
         T, B, H = dh_out.shape
-        h, da = self.h, self.da
-        dhT = wh.out_t(B, dh_out.dtype)
+        h, da = self.h, xp.empty((T, B, self.H), dh_out.dtype)
         dh_next = xp.zeros((B, H), dh_out.dtype) if dstate is None else dstate[0].copy()
-        k = None if self.probe is not None else fused()
         for t in reversed(range(T)):
-            if k is not None:
-                k.rnn_step_backward(h[t + 1], dh_out[t], dh_next, da[t])
-            else:
-                xp.add(dh_out[t], dh_next, out=da[t])
-                if self.probe is not None:
-                    self.probe.append({"h": da[t].copy()})
-                da[t] *= 1.0 - h[t + 1] * h[t + 1]
-            dh_next = wh.times_t(da[t], dhT)
+            xp.add(dh_out[t], dh_next, out=da[t])
+            if step_hook is not None:
+                step_hook(t, {"h": da[t].copy()})
+            da[t] *= 1.0 - h[t + 1] * h[t + 1]
+            dh_next = times_t(Wh, da[t])
         return da, da, (dh_next,), {}
 
 
@@ -371,9 +236,11 @@ class Recurrent:
     over W_h, used at every step of the window.
     """
 
+    cells = CELLS
+
     def __init__(self, weight_x, weight_h, bias, grads=None, weight_drop=0.0, rng=None, cell="lstm", extra=None):
         H = weight_h.shape[0]
-        self.cell = CELLS[cell](H)
+        self.cell = self.cells[cell](H)
         self.H = H
         self.params = {"weight_x": weight_x, "weight_h": weight_h, "bias": bias, **(extra or {})}
         for name, shape in self.cell.extra_params.items():
@@ -382,10 +249,8 @@ class Recurrent:
         self.grads = grads if grads is not None else {k: xp.zeros_like(v) for k, v in self.params.items()}
         self.weight_drop = float(weight_drop)
         self.rng = rng
-        self.frozen = False      # reuse the current weight mask (gradient checks)
-        self.wmask = None        # (H, G*H) scaled keep-mask of this forward pass, or None
-        self._ax = _Buffers()
-        self.steps = StepProducts()  # this window's W_h, in the form the per-step products read it
+        self.frozen = False  # reuse the current weight mask (gradient checks)
+        self.wmask = None  # (H, G*H) scaled keep-mask of this forward pass, or None
 
     def recurrent_weight(self, train):
         """W_h as this pass uses it: with a fresh DropConnect mask when training with weight_drop."""
@@ -397,30 +262,36 @@ class Recurrent:
             self.wmask = keep_mask(self.rng, Wh.shape, self.weight_drop, Wh.dtype)
         return Wh * self.wmask
 
-    def _extra(self):
+    def extra(self):
+        """The cell's own parameters beyond W_x, W_h and b."""
         return {k: self.params[k] for k in self.cell.extra_params}
 
-    def forward(self, x, state, train=False, same_weights=False):
-        """``same_weights``: the caller's promise that no weight has changed since this layer's previous
-        evaluation forward (``Model.forward``)."""
+    def hold_weights(self, held):
+        """``held``: a promise that no weight changes until it is withdrawn (an evaluation's windows), so
+        what a forward derives from the weights may be kept for the next.  The reference keeps nothing."""
+
+    def forward(self, x, state, train=False):
         T, B, D = x.shape
         Wx, b = self.params["weight_x"], self.params["bias"]
-        G = Wx.shape[1]
-        self.steps.load(self.recurrent_weight(train), B, T, reuse=not train, same=same_weights)
+        self.Wh = self.recurrent_weight(train)
         self.x = x
-        ax = self._ax.get(T, B, x.dtype, ax=(0, G))["ax"]
-        xp.matmul(x.reshape(T * B, D), Wx, out=ax.reshape(T * B, G))
+        ax = xp.matmul(x.reshape(T * B, D), Wx).reshape(T, B, Wx.shape[1])
         ax += b
-        self.h, final = self.cell.forward(ax, state, self.steps, self._extra())
+        self.h, final = self.cell.forward(ax, state, self.Wh, self.extra())
         return self.h[1:], final
 
-    def backward(self, dh_out, dstate=None):
-        """``dh_out`` (T, B, H): gradient at every output; ``dstate``: at the final state."""
-        T, B, H = dh_out.shape
-        D = self.x.shape[2]
+    def backward(self, dh_out, dstate=None, step_hook=None):
+        """``dh_out`` (T, B, H): gradient at every output; ``dstate``: at the final state.  ``step_hook``:
+        see ``Cell``."""
+        grads = self.cell.backward(dh_out, dstate, self.Wh, self.extra(), step_hook)
+        return self.window_gradients(*grads)
+
+    def window_gradients(self, dax, dah, dstate0, dextra):
+        """From the cell's gradients, the weight gradients (one product each over the window) and the
+        gradient of the input; returns (dx, gradient at the initial state)."""
+        T, B, G = dax.shape
+        D, H = self.x.shape[2], self.H
         Wx = self.params["weight_x"]
-        G = Wx.shape[1]
-        dax, dah, dstate0, dextra = self.cell.backward(dh_out, dstate, self.steps, self._extra())
         dax2, dah2 = dax.reshape(T * B, G), dah.reshape(T * B, G)
         xp.matmul(self.x.reshape(T * B, D).T, dax2, out=self.grads["weight_x"])
         xp.matmul(self.h[:T].reshape(T * B, H).T, dah2, out=self.grads["weight_h"])
@@ -431,3 +302,17 @@ class Recurrent:
             self.grads[name][...] = g
         dx = (dax2 @ Wx.T).reshape(T, B, D)
         return dx, dstate0
+
+    def products(self, rows, steps, backward=True):
+        """(name, m, k, n, count) of a window's matrix products at ``rows`` streams and ``steps`` steps:
+        the input and weight-gradient products over the whole window, the recurrent ones per step."""
+        (D, G), H, N = self.params["weight_x"].shape, self.H, rows * steps
+        out = [("x W_x (window)", N, D, G, 1), ("h W_h (per step)", rows, H, G, steps)]
+        if backward:
+            out += [
+                ("dA W_h^T (per step)", rows, G, H, steps),
+                ("dW_x (window)", D, N, G, 1),
+                ("dW_h (window)", H, N, G, 1),
+                ("dA W_x^T (window)", N, G, D, 1),
+            ]
+        return out

@@ -7,9 +7,22 @@ the gradients of its parameters into ``grads`` and returns the gradient with
 respect to its input.  Shapes are time-major: (T, B, ...) for a window of T
 steps over B parallel streams.
 """
+
+from typing import NamedTuple
+
 import numpy as np
 
-from lmtrain.backend import fused, parallel_rows, xp
+from lmtrain.backend import xp
+from lmtrain.threads import parallel_rows
+
+
+class Loss(NamedTuple):
+    """What a loss layer's forward returns: the mean that backward differentiates, and the sums an
+    evaluation adds up over windows (and ranks)."""
+
+    mean: float  # total / max(divisor or count, 1)
+    total: float  # summed (weighted) negative log-likelihood of the targets
+    count: float  # summed weight: the targets counted
 
 
 def row_buffer(buf, n, cols, dtype, new=xp.empty):
@@ -41,6 +54,9 @@ class Embedding:
     AWD-LSTM): each training forward pass removes whole word types, every
     occurrence of a dropped word in the window reading a zero vector, and
     scales the kept ones by 1/(1-p).
+
+    ``products`` (every layer has it) lists the matrix products of a window, for ``lmtrain bench``: the
+    embedding makes none.
     """
 
     def __init__(self, weight, grad=None, word_drop=0.0, rng=None):
@@ -53,8 +69,8 @@ class Embedding:
         self.word_drop = float(word_drop)
         self.rng = rng
         self.frozen = False
-        self.scale = None        # (T, B, 1) per-occurrence factor of this pass, or None
-        self.word_mask = None    # (V,) scaled keep-mask over word types
+        self.scale = None  # (T, B, 1) per-occurrence factor of this pass, or None
+        self.word_mask = None  # (V,) scaled keep-mask over word types
         self.ids = None
 
     def forward(self, ids, train=False):
@@ -74,12 +90,8 @@ class Embedding:
         if self.scale is not None:
             dout = dout * self.scale
         grad = self.grads["weight"]
-        grad[self.rows_written:].fill(0)
+        grad[self.rows_written :].fill(0)
         E = grad.shape[1]
-        k = fused()
-        if k is not None:  # one compiled loop over the rows instead of the sort below
-            k.add_rows(grad, self.ids.reshape(-1), dout.reshape(-1, E))
-            return None
         # Common words repeat within a window, so rows must be summed, not
         # assigned: sort the ids once and add each run of equal ids with one
         # reduction (about twice as fast as numpy.add.at).
@@ -89,6 +101,9 @@ class Embedding:
         starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), sorted_ids[1:] != sorted_ids[:-1]]))
         grad[sorted_ids[starts]] += xp.add.reduceat(dout.reshape(-1, E)[order], starts, axis=0)
         return None
+
+    def products(self, rows, backward=True):
+        return []
 
 
 class Linear:
@@ -135,6 +150,24 @@ class Linear:
         xp.matmul(xp.ascontiguousarray(self.x1.T), dout, out=self.grad_block)
         return dout @ self.params["weight"].T
 
+    def products(self, rows, backward=True, names=("[h, 1] W", "dW", "dlogits W^T"), where="(window)"):
+        """(name, m, k, n, count) of the products of ``rows`` rows: forward, and with ``backward`` the
+        weight gradient and the input gradient (``names`` label them, ``where`` says over what)."""
+        I, O = (
+            (self.block.shape[1] - 1, self.block.shape[0])
+            if self.transposed
+            else (self.block.shape[0] - 1, self.block.shape[1])
+        )
+        out = [(f"{names[0]} {where}", rows, I + 1, O, 1)]
+        if backward:
+            out += [
+                (f"{names[1]} {where}", O, rows, I + 1, 1)
+                if self.transposed
+                else (f"{names[1]} {where}", I + 1, rows, O, 1),
+                (f"{names[2]} {where}", rows, O, I, 1),
+            ]
+        return out
+
 
 class Dropout:
     """Inverted dropout: zero with probability p, scale the kept values by 1/(1-p).
@@ -167,6 +200,9 @@ class Dropout:
     def backward(self, dout):
         return dout if self.mask is None else dout * self.mask
 
+    def products(self, rows, backward=True):
+        return []
+
 
 class SoftmaxCrossEntropy:
     """Mean negative log-likelihood of integer targets under softmax(logits).
@@ -181,11 +217,7 @@ class SoftmaxCrossEntropy:
     infinite or below 1e-30) is redone with its maximum subtracted.  With the
     division by the sum deferred to backward, where it joins the 1/N
     scaling, training makes three passes over the logits (exp, sum, scale)
-    instead of seven, and evaluation two; each is split over threads.  The fused
-    kernels (``lmtrain.nn.fused``) follow the same recipe row by row, judging
-    each row by its sum and redoing it shifted by its maximum where needed;
-    in training they also scale the row into its gradient while it is still
-    in cache, so the (N, V) array makes one trip through memory, not two.
+    instead of seven, and evaluation two; each is split over threads.
     """
 
     TINY = 1e-30
@@ -193,43 +225,25 @@ class SoftmaxCrossEntropy:
     def __init__(self):
         self.params, self.grads = {}, {}
         self.exps = self.exps_buf = None
-        self.grad_ready = False
 
     def forward(self, logits, targets, weights=None, divisor=None, grad=True):
-        """Returns (mean loss, summed loss, summed weight); keeps exp(logits) for backward.
+        """Returns a ``Loss``; keeps exp(logits) for backward.
 
         ``divisor``, when given, replaces the summed weight as the divisor of the mean (the adaptive
-        softmax divides each tail cluster's NLL by the count of all the window's targets).
-        ``grad=False`` promises no backward (evaluation): the fused path then keeps nothing.
+        softmax divides each tail cluster's NLL by the count of all the window's targets).  ``grad``
+        says whether a backward follows; this layer keeps what backward needs either way.
         """
         N, V = logits.shape
         t = targets.reshape(-1).astype(np.intp)
-        k = fused()
-        self.grad_ready = False  # set by the fused training path, which writes the gradient in forward
-        if k is not None and not grad:  # nothing kept, so no (N, V) buffer either
-            self.exps = None
-            nll = xp.empty(N, logits.dtype)
-            parallel_rows(lambda a, b: k.nll_rows(logits[a:b], t[a:b], nll[a:b]), N, V)
-            return self._finish(nll, None, t, weights, divisor, logits.dtype)
         self.exps_buf = row_buffer(self.exps_buf, N, V, logits.dtype)
         self.exps = exps = self.exps_buf[:N]
-        if k is not None:  # the gradient too, while each row is still in cache: backward has nothing left to do
-            dtype = logits.dtype
-            w = None if weights is None else weights.reshape(-1).astype(dtype)
-            count = self._divisor(w, divisor, N)
-            row_w = xp.ones(N, dtype) if w is None else w
-            at_target = xp.full(N, 1.0 / count, dtype) if w is None else w / dtype.type(count)
-            nll = xp.empty(N, dtype)
-            parallel_rows(lambda a, b: k.softmax_rows(logits[a:b], t[a:b], row_w[a:b], dtype.type(count),
-                                                      at_target[a:b], exps[a:b], nll[a:b]), N, V)
-            self.grad_ready = True
-            return self._finish(nll, None, t, weights, divisor, dtype)
         sums = xp.empty(N, logits.dtype)
 
         def exp_and_sum(a, b):
             with np.errstate(over="ignore", under="ignore"):
                 xp.exp(logits[a:b], out=exps[a:b])
             exps[a:b].sum(axis=1, out=sums[a:b])
+
         parallel_rows(exp_and_sum, N, V)
 
         shift = xp.zeros(N, logits.dtype)
@@ -239,34 +253,33 @@ class SoftmaxCrossEntropy:
             exps[redo] = xp.exp(logits[redo] - shift[redo, None])
             sums[redo] = exps[redo].sum(axis=1)
         nll = xp.log(sums) + (shift - logits[xp.arange(N), t])  # (shift - logit) first: both may be large
-        return self._finish(nll, sums, t, weights, divisor, logits.dtype)
+        self.sums, self.targets = sums, t
+        return self.sum_up(nll, weights, divisor)
 
     @staticmethod
-    def _divisor(w, divisor, N):
+    def divisor_of(w, divisor, N):
         """What the summed loss is divided by: ``divisor`` if given, else the summed weight (at least 1)."""
         if divisor is not None:
             return max(divisor, 1.0)
         return max(float(N) if w is None else float(w.sum(dtype=np.float64)), 1.0)
 
-    def _finish(self, nll, sums, t, weights, divisor, dtype):
+    def sum_up(self, nll, weights, divisor):
+        """The ``Loss`` of the rows' NLLs; keeps the weights and the divisor for backward."""
         N = len(nll)
-        self.sums, self.targets = sums, t
         if weights is None:
             self.weights = None
-            loss_sum, count = float(nll.sum(dtype=np.float64)), float(N)
+            total, count = float(nll.sum(dtype=np.float64)), float(N)
         else:
-            w = weights.reshape(-1).astype(dtype)
+            w = weights.reshape(-1).astype(nll.dtype)
             self.weights = w
             count = float(w.sum(dtype=np.float64))
-            loss_sum = float((nll * w).sum(dtype=np.float64))
-        self.count = self._divisor(self.weights, divisor, N)
-        return loss_sum / self.count, loss_sum, count
+            total = float((nll * w).sum(dtype=np.float64))
+        self.count = self.divisor_of(self.weights, divisor, N)
+        return Loss(total / self.count, total, count)
 
     def backward(self):
         """d loss / d logits = (softmax - onehot) * w / count, written over the kept exp buffer."""
         d = self.exps
-        if self.grad_ready:  # the fused forward wrote it already
-            return d
         w = self.weights
         scale = (1.0 / (self.sums * self.count)).astype(d.dtype)
         if w is not None:
@@ -274,3 +287,6 @@ class SoftmaxCrossEntropy:
         parallel_rows(lambda a, b: xp.multiply(d[a:b], scale[a:b, None], out=d[a:b]), *d.shape)
         d[xp.arange(len(self.targets)), self.targets] -= (1.0 / self.count) if w is None else w / self.count
         return d
+
+    def products(self, rows, backward=True):
+        return []

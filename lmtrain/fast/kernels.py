@@ -5,12 +5,13 @@ about a dozen calls forward and twenty backward, the softmax three passes over
 the (N, V) logits.  Each kernel here does the same arithmetic as the numpy code
 it stands in for (named in its docstring), in one compiled loop nest, so
 each value makes one trip through memory instead of one per operation.  The
-numpy code stays the reference a reader learns the equations from;
-tests/test_kernels.py holds each kernel to it.
+numpy code (lmtrain/nn/, lmtrain/optim.py) stays the reference a reader learns
+the equations from; tests/test_kernels.py holds each kernel to it, and the
+layers of lmtrain/fast/layers.py call them.
 
-This module imports numba at the top: ``lmtrain.backend.use_kernels`` imports
-it only when numba is installed and not turned off (``LMTRAIN_KERNELS=numpy``
-or ``train.kernels: numpy``).
+This module imports numba at the top: ``lmtrain.build`` imports the fast path
+only when numba is installed and not turned off (``LMTRAIN_KERNELS=numpy`` or
+``train.kernels: numpy``).
 
 Three details make the loops fast (docs/performance.md has the measurements):
 
@@ -35,12 +36,13 @@ Three details make the loops fast (docs/performance.md has the measurements):
   kernels), so a step is a few loops over one row each.
 
 The kernels release the GIL; the callers split long ones over threads by rows
-(``lmtrain.backend.parallel_rows``), as the numpy code does, so one thread
+(``lmtrain.threads.parallel_rows``), as the numpy code does, so one thread
 count governs both paths.  The step product and ``transpose_into``, called
 once per step and too short for that, split themselves (numba's ``prange``,
 on OpenMP's threads) over the same count (``set_threads``), as do the LSTM's
 window kernels, which run a window's whole loop of steps in one call.
 """
+
 import functools
 import math
 
@@ -68,8 +70,15 @@ polynomial = functools.partial(njit, error_model="numpy", fastmath={"contract"})
 # coefficients come from a rational minimax fit of relative error (6.6e-9 in exact arithmetic;
 # evaluated in float32 with FMAs at most 4.7 ulp, mean 0.6, against numpy's 1.4 and 0.3), found with
 # benchmarks/fit_tanh.py.
-TANH_P = (0.9999999934042311, 0.13084006527869405, 0.003103952103765131, 1.1154262240939213e-05,
-          -2.022502358370353e-08, 5.277844597776977e-11, -8.48843278520873e-14)
+TANH_P = (
+    0.9999999934042311,
+    0.13084006527869405,
+    0.003103952103765131,
+    1.1154262240939213e-05,
+    -2.022502358370353e-08,
+    5.277844597776977e-11,
+    -8.48843278520873e-14,
+)
 TANH_Q = (1.0, 0.464173336357353, 0.024495162351740273, 0.00025461390493381337)
 _P = tuple(np.float32(c) for c in TANH_P)
 _Q = tuple(np.float32(c) for c in TANH_Q)
@@ -81,7 +90,7 @@ _SATURATED = np.float32(9.05)  # from here on tanh(x) rounds to +-1 in float32
 def tanh32(x0):
     x = min(max(x0, -_NINE), _NINE)
     s = x * x
-    p = ((((((_P[6] * s + _P[5]) * s + _P[4]) * s + _P[3]) * s + _P[2]) * s + _P[1]) * s + _P[0])
+    p = (((((_P[6] * s + _P[5]) * s + _P[4]) * s + _P[3]) * s + _P[2]) * s + _P[1]) * s + _P[0]
     q = ((_Q[3] * s + _Q[2]) * s + _Q[1]) * s + _Q[0]
     y = min(max(x * p / q, -_ONE), _ONE)
     return y if abs(x0) < _SATURATED else (_ONE if x0 > 0 else -_ONE)
@@ -144,7 +153,7 @@ def _sigmoid(x):
 
 
 # ---------------------------------------------------------------------------
-# recurrent cells: one time step, forward and backward (cells.py holds the numpy versions)
+# recurrent cells: one time step, forward and backward (lmtrain/nn/cells.py holds the numpy versions)
 # ---------------------------------------------------------------------------
 # Each kernel is a few simple loops per row over slices that start at 0, one per gate block:
 # - with many arrays read and written in one loop, LLVM cannot prove they do not overlap and leaves it
@@ -159,7 +168,7 @@ def lstm_row_forward(ab, ub, cp, cb, tb, hb):
     H = cb.shape[0]
     for k in range(3 * H):
         ab[k] = sigmoid(ab[k] + ub[k])
-    f, i, o, g, ug = ab[:H], ab[H:2 * H], ab[2 * H:3 * H], ab[3 * H:], ub[3 * H:]
+    f, i, o, g, ug = ab[:H], ab[H : 2 * H], ab[2 * H : 3 * H], ab[3 * H :], ub[3 * H :]
     for j in range(H):
         g[j] = tanh(g[j] + ug[j])
     for j in range(H):
@@ -182,8 +191,8 @@ def lstm_step_forward(a, u, c_prev, c, tanh_c, h):
 def lstm_row_backward(ab, cp, tc, dho, dhn, dcb, db):
     """One batch row of ``lstm_step_backward``."""
     H = dcb.shape[0]
-    f, i, o, g = ab[:H], ab[H:2 * H], ab[2 * H:3 * H], ab[3 * H:]
-    df, di, do, dg = db[:H], db[H:2 * H], db[2 * H:3 * H], db[3 * H:]
+    f, i, o, g = ab[:H], ab[H : 2 * H], ab[2 * H : 3 * H], ab[3 * H :]
+    df, di, do, dg = db[:H], db[H : 2 * H], db[2 * H : 3 * H], db[3 * H :]
     # _ONE, not 1.0, here and below: a Python float would turn float32 arithmetic into float64
     for j in range(H):  # through h_t = o tanh(c_t): to o, and on to c_t
         dh = dho[j] + dhn[j]
@@ -215,7 +224,7 @@ def gru_step_forward(a, u, b_hn, h_prev, un, h):
         ab, ub, unb, hb, hp = a[b], u[b], un[b], h[b], h_prev[b]
         for k in range(2 * H):
             ab[k] = sigmoid(ab[k] + ub[k])
-        r, z, n, u_n = ab[:H], ab[H:2 * H], ab[2 * H:], ub[2 * H:]
+        r, z, n, u_n = ab[:H], ab[H : 2 * H], ab[2 * H :], ub[2 * H :]
         for j in range(H):
             unb[j] = u_n[j] + b_hn[j]
         for j in range(H):
@@ -232,8 +241,8 @@ def gru_step_backward(act, un, h_prev, dh_out, dh_carry, dh_w, dax, dah):
     B, H = dh_out.shape
     for b in range(B):
         ab, xb, hb = act[b], dax[b], dah[b]
-        r, z, n = ab[:H], ab[H:2 * H], ab[2 * H:]
-        dr, dz, dn, dr_h, dz_h, dn_h = xb[:H], xb[H:2 * H], xb[2 * H:], hb[:H], hb[H:2 * H], hb[2 * H:]
+        r, z, n = ab[:H], ab[H : 2 * H], ab[2 * H :]
+        dr, dz, dn, dr_h, dz_h, dn_h = xb[:H], xb[H : 2 * H], xb[2 * H :], hb[:H], hb[H : 2 * H], hb[2 * H :]
         dh, unb, hp, dho, dhw = dh_carry[b], un[b], h_prev[b], dh_out[b], dh_w[b]
         for j in range(H):  # dh_carry holds the whole gradient at h_t until the last loop
             dh[j] = dho[j] + dh[j] + dhw[j]
@@ -271,7 +280,7 @@ def rnn_step_backward(h, dh_out, dh_next, da):
 
 
 # ---------------------------------------------------------------------------
-# the product of one time step with W_h, at small batches (cells.StepProducts holds the numpy version)
+# the product of one time step with W_h, at small batches (fast/layers.StepProducts calls it)
 # ---------------------------------------------------------------------------
 # A step multiplies the batch's few rows by W_h: (B, H) x (H, 4H) forward, (B, 4H) x (4H, H) backward.
 # OpenBLAS copies W_h into its own blocked layout on every call, and at B <= 20 rows that copy and its
@@ -335,27 +344,8 @@ def transpose_into(w, out):
                     out[n, k] = w[k, n]
 
 
-@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
-def same_bits(a, b):
-    """Whether two 1-D integer arrays, views of two float arrays' bits, are equal: the OR of their XORs, in
-    blocks shared among the threads.  Integers, so that equal means the same bits (a comparison of floats
-    finds a NaN unequal to itself); ``cells.StepProducts`` asks it whether W_h changed."""
-    n = a.shape[0]
-    blocks = (n + 16383) // 16384
-    diffs = np.empty(blocks, a.dtype)
-    for block in prange(blocks):
-        diff = a[0] ^ a[0]
-        for j in range(block * 16384, min(n, block * 16384 + 16384)):
-            diff |= a[j] ^ b[j]
-        diffs[block] = diff
-    for block in range(blocks):
-        if diffs[block] != 0:
-            return False
-    return True
-
-
 # ---------------------------------------------------------------------------
-# the LSTM's loop over a window, where its step products are matmul_t's (cells.LSTMCell holds the loop)
+# the LSTM's loop over a window, where its step products are matmul_t's (nn/cells.LSTMCell holds the loop)
 # ---------------------------------------------------------------------------
 # Called step by step from Python, each step is two kernel calls and a copy, with the interpreter's work
 # between them while the threads wait; and the cell's element-wise work runs on one core.  Here the whole
@@ -408,10 +398,10 @@ def set_threads(n):
 
 
 # ---------------------------------------------------------------------------
-# softmax cross-entropy over rows (layers.SoftmaxCrossEntropy holds the numpy version)
+# softmax cross-entropy over rows (nn/layers.SoftmaxCrossEntropy holds the numpy version)
 # ---------------------------------------------------------------------------
 @njit(fastmath={"nnan", "nsz", "reassoc"})  # the maximum is exact in any order, so these flags let it
-def row_max(row):                             # vectorise; a NaN in the row reaches the loss through the sum
+def row_max(row):  # vectorise; a NaN in the row reaches the loss through the sum
     m = row[0]
     for v in range(1, row.shape[0]):
         m = max(m, row[v])
@@ -426,7 +416,7 @@ def row_exp(row, m, out):
 
 
 @njit(fastmath={"reassoc", "nsz"})  # re-associated, so that it vectorises: one compiled order, used by
-def row_sum(x):                      # every kernel below, so they agree to the bit
+def row_sum(x):  # every kernel below, so they agree to the bit
     s = 0.0  # float64 partial sums, whatever the row's type
     for v in range(x.shape[0]):
         s += x[v]
@@ -485,7 +475,7 @@ def nll_rows(logits, targets, nll):
 
 
 # ---------------------------------------------------------------------------
-# the embedding's gradient (layers.Embedding holds the numpy version)
+# the embedding's gradient (nn/layers.Embedding holds the numpy version)
 # ---------------------------------------------------------------------------
 @kernel
 def add_rows(out, ids, rows):

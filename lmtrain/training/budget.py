@@ -13,6 +13,7 @@ next.  Presets
 whose results the docs quote therefore count steps or epochs; the budget is
 for users and for the speedrun, whose point is the clock.
 """
+
 import time
 
 
@@ -21,9 +22,20 @@ class TimeBudget:
         self.minutes = minutes
         self.valid_tokens, self.eval_tokens = valid_tokens, valid_tokens + test_tokens
         self.start = time.perf_counter()
-        self.before = 0.0           # seconds of the run's earlier sessions (resume)
-        self.eval_seconds = None    # duration of the last validation
-        self.session_tokens = 0     # tokens trained since this process started
+        self.before = 0.0  # seconds of the run's earlier sessions (resume)
+        self.eval_seconds = None  # duration of the last validation
+        self.session_tokens = 0  # tokens trained since this process started
+
+    def resumed(self, seconds_before):
+        """The run's earlier sessions took ``seconds_before``: the clock continues from there."""
+        self.before = seconds_before
+
+    def trained(self, tokens):
+        self.session_tokens += tokens
+
+    def validated(self, seconds):
+        """A validation took ``seconds``: the forecast of the final evaluation follows it."""
+        self.eval_seconds = seconds
 
     def elapsed(self):
         """Seconds the run has taken, earlier sessions included."""
