@@ -41,6 +41,8 @@ import glob
 import math
 import os
 import time
+import zipfile
+import zlib
 
 import numpy as np
 from tqdm import tqdm
@@ -145,15 +147,29 @@ def stats_path(ckpt_path, sha):
     return f"{root}.dynstats-{sha[:12]}.npz"
 
 
+def read_stats(path, sha, shape):
+    """The statistics cached at ``path`` for the checkpoint whose checksum is ``sha``, or None where the file
+    is not a whole cache of them (truncated, damaged, of another checkpoint): then they are computed again."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ms = z["ms"]
+            if str(z["sha256"]) == sha and ms.shape == shape and ms.dtype == np.float64 and np.isfinite(ms).all():
+                return ms
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError):
+        pass
+    return None
+
+
 def gradient_stats(model, train_ids, bptt, ckpt_path=None, sha=None, progress=True, echo=print):
     """Mean square of every parameter's gradient over one pass of the training split (``STATS_BATCH``
     streams, windows of ``bptt``, dropout off), read from the file cached beside the checkpoint when its
     checksum matches, else computed and written there."""
     path = stats_path(ckpt_path, sha) if ckpt_path and sha else None
     if path and os.path.exists(path):
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["sha256"]) == sha and z["ms"].shape == model.store.grad.shape:
-                return z["ms"]
+        cached = read_stats(path, sha, model.store.grad.shape)
+        if cached is not None:
+            return cached
+        echo(f"note: {path} is damaged or stale; computing the gradient statistics again")
     data = batchify(train_ids, STATS_BATCH)
     if len(data) < 2:
         raise LmtrainError("the training split is too short to collect dynamic evaluation's gradient statistics")

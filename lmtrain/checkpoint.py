@@ -15,12 +15,14 @@ files only; lmtrain/build.py rebuilds the model a checkpoint describes.
 
 import hashlib
 import json
+import math
 import zipfile
 import zlib
 
 import numpy as np
 
 from lmtrain.backend import to_numpy
+from lmtrain.config import shown
 from lmtrain.errors import CheckpointError, LmtrainError, require_file
 from lmtrain.files import atomic_write
 
@@ -38,7 +40,7 @@ def _digest(arrays):
     return h.hexdigest()
 
 
-def _write_npz(fh, arrays):
+def write_npz(fh, arrays):
     """np.savez's layout, but with fixed zip timestamps so equal arrays give equal bytes."""
     with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, value in arrays.items():
@@ -62,7 +64,7 @@ def save_checkpoint(path, params, meta, groups=None):
             arrays[f"{prefix}/{name}"] = to_numpy(value)
     arrays["sha256"] = np.array(_digest(arrays))
     try:
-        atomic_write(path, lambda fh: _write_npz(fh, arrays))
+        atomic_write(path, lambda fh: write_npz(fh, arrays))
     except OSError as err:
         raise LmtrainError(f"cannot write checkpoint {path}: {err.strerror or err}", exit_code=1) from None
 
@@ -78,37 +80,81 @@ class Checkpoint:
         return self.groups.get(prefix, {})
 
 
+MAX_MEMBERS = 100_000  # arrays in a checkpoint: a few per parameter
+
+
+def read_arrays(path):
+    """Every array of the .npz at ``path``, each checked before it is read: a member of a zip, a plain .npy
+    of numbers or text (an object array would be a pickle, which can run code) whose header claims no more
+    than the member holds, with the zip's CRC verified as it is read.  Anything else is a CheckpointError."""
+    with open(path, "rb") as fh:
+        if fh.read(6) == b"\x93NUMPY":
+            raise CheckpointError(f"{path} is a single .npy array, not an lmtrain checkpoint")
+    arrays = {}
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise CheckpointError(f"{path} has {len(infos):,} members, more than a checkpoint ever has")
+        for info in infos:
+            if not info.filename.endswith(".npy"):
+                raise CheckpointError(f"{path} holds {shown(info.filename)}, which is not an array")
+            with zf.open(info) as member:
+                arrays[info.filename[:-4]] = _read_member(path, info, member)
+    return arrays
+
+
+def _read_member(path, info, member):
+    name = info.filename[:-4]
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    version = np.lib.format.read_magic(member)
+    if version not in readers:
+        raise CheckpointError(f"{path}: {shown(name)} has .npy format version {version}")
+    shape, fortran, dtype = readers[version](member)
+    if dtype.hasobject:
+        raise CheckpointError(
+            f"{path} holds a pickled object in {shown(name)}; lmtrain never loads "
+            "pickles (they can run code), so the file is refused"
+        )
+    size = math.prod(shape) * dtype.itemsize
+    if size != info.file_size - member.tell():
+        raise CheckpointError(
+            f"{path}: {shown(name)} claims shape {shown(shape)} ({size:,} bytes) but holds "
+            f"{max(info.file_size - member.tell(), 0):,} bytes: the file was damaged"
+        )
+    data = member.read(size)
+    if len(data) != size or member.read(1):
+        raise CheckpointError(f"{path}: {shown(name)} is shorter or longer than its header says")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
 def load_checkpoint(path):
-    """Read and verify a checkpoint; anything unexpected is a one-line CheckpointError."""
+    """Read and verify a checkpoint; anything unexpected is a one-line CheckpointError (exit 2)."""
     path = require_file(path, "checkpoint", CheckpointError)
     try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise CheckpointError(f"{path} is a single .npy array, not an lmtrain checkpoint")
-        with z:
-            arrays = {}
-            for name in z.files:
-                try:
-                    arrays[name] = z[name]
-                except ValueError as err:
-                    if "allow_pickle" in str(err) or "Object arrays" in str(err):
-                        raise CheckpointError(
-                            f"{path} holds a pickled object in '{name}'; lmtrain never loads "
-                            "pickles (they can run code), so the file is refused"
-                        ) from None
-                    raise
+        arrays = read_arrays(path)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zlib.error) as err:
+    except (
+        zipfile.BadZipFile,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        zlib.error,
+        RuntimeError,
+        NotImplementedError,
+        MemoryError,
+        OverflowError,
+    ) as err:
         raise CheckpointError(
             f"{path} is not a readable .npz file (truncated or corrupt?): "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}"
         ) from None
     if "meta" not in arrays:
         raise CheckpointError(f"{path} is not an lmtrain checkpoint (it has no 'meta' entry)")
     try:
         meta = json.loads(str(arrays["meta"]))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         raise CheckpointError(f"{path} is not an lmtrain checkpoint (its 'meta' entry is not JSON)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lmtrain checkpoint")

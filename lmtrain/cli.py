@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import sys
 
 import click
@@ -500,7 +501,7 @@ def main(argv=None):
     except LmtrainError as err:
         if debug:
             raise
-        _fail(f"{err}", err.exit_code, collective=isinstance(err, CollectiveError))
+        _fail(f"{err}", err.exit_code, collective=isinstance(err, CollectiveError), stopped=_stopped(err))
     except Exception as err:  # a bug or an environment failure: still one line unless --debug
         if debug:
             raise
@@ -508,17 +509,29 @@ def main(argv=None):
         _fail(f"{type(err).__name__}: {first} (run with --debug for the traceback)", 1)
 
 
-def _fail(message, code, collective=False):
-    """Print ``error: message`` and exit.  Among MPI ranks, an error every rank raised together is
-    printed once (by rank 0); one rank's own error is printed with its rank and ends the whole job,
-    since the other ranks would wait for it forever."""
+def _stopped(err):
+    """Whether ``err`` is a run's orderly stop for a signal (its checkpoint saved): not an error."""
+    from lmtrain.training.control import Interrupted
+
+    return isinstance(err, Interrupted)
+
+
+def _fail(message, code, collective=False, stopped=False):
+    """Print ``error: message`` (``stopped``: the message alone, an orderly stop for a signal) and exit.
+    Among MPI ranks, an error every rank raised together is printed once (by rank 0); one rank's own error
+    is printed with its rank and ends the whole job, since the other ranks would wait for it forever."""
+    if stopped:
+        # Exiting for that signal: another copy of it (a job scheduler signals every process of a job) must not
+        # cut the exit short, and Python restores the default handlers while it shuts down.
+        signal.signal(code - 128, signal.SIG_IGN)
+    prefix = "" if stopped else "error: "
     world = current_world()
     if world is None or world.size == 1:
-        click.echo(f"error: {message}", err=True)
+        click.echo(f"{prefix}{message}", err=True)
         sys.exit(code)
     if collective:
         if world.is_main:
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"{prefix}{message}", err=True)
         world.barrier()  # as at a normal end: rank 0 has written and printed before any rank leaves
         sys.exit(code)
     click.echo(f"error: rank {world.rank}: {message}; stopping all {world.size} ranks", err=True)

@@ -61,12 +61,28 @@ def fit(config, overrides, run_dir, resume, overwrite, quiet, echo, err_echo):
 
 
 def load_for_eval(ckpt, log=print, dtype=None, kernels=None):
-    """(checkpoint, model, vocab, config, corpus loader) of a checkpoint to evaluate."""
-    from lmtrain.data.sources import load_corpus
-
+    """(checkpoint, model, vocab, config, corpus loader) of a checkpoint to evaluate; the corpus is the one its
+    data settings name, refused when it does not give the vocabulary the model was trained on."""
     loaded = load_checkpoint(ckpt)
     model, vocab, cfg = model_from_checkpoint(loaded, dtype=dtype, kernels=kernels)
-    return loaded, model, vocab, cfg, lambda: load_corpus(cfg.data, log=log)
+    return loaded, model, vocab, cfg, lambda: corpus_of_checkpoint(loaded.path, cfg, vocab, log)
+
+
+def corpus_of_checkpoint(path, cfg, vocab, log):
+    """The corpus of a checkpoint's data settings, checked against the vocabulary it holds: ids from another
+    vocabulary would give a wrong perplexity silently (or index past the embedding)."""
+    from lmtrain.data.sources import load_corpus
+    from lmtrain.data.vocab import vocab_difference
+
+    corpus = load_corpus(cfg.data, log=log)
+    difference = vocab_difference(vocab, corpus.vocab)
+    if difference:
+        raise LmtrainError(
+            f"the corpus of {path}'s data settings now gives another vocabulary than the one the "
+            f"model was trained on ({difference}): its files changed since; restore them, or "
+            f"evaluate a file with --text"
+        )
+    return corpus
 
 
 def dynamic_stats(loaded, model, cfg, corpus, log):
@@ -234,7 +250,7 @@ def probe_gradflow(ckpts, configs, init_only, overrides, seeds, steps, batches, 
     models = []
     for path in ckpts:
         model, vocab, cfg = model_from_checkpoint(load_checkpoint(path), dtype="float64", kernels="numpy")
-        models.append((path, model, cfg, load_corpus(cfg.data, log=NO_OUTPUT)))
+        models.append((path, model, cfg, corpus_of_checkpoint(path, cfg, vocab, NO_OUTPUT)))
     for path in configs:
         for seed in seeds or [None]:
             cfg = load_config(path, [*overrides, *([f"seed={seed}"] if seed is not None else [])])

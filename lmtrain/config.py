@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 
@@ -298,27 +300,36 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Keys that may differ when a run is resumed: they change how long it runs and
-# what it logs or keeps, never the model, the data or the updates.
-SAFE_TO_CHANGE_ON_RESUME = {
-    "train.epochs",
-    "train.max_steps",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.checkpoint_minutes",
-    "train.keep_last",
-    "train.max_bad_steps",
-    "train.bad_step_lr_factor",
-    "train.time_budget",
-    "train.threads_per_rank",
-    "train.check_sync_every",
-    "data.root",
-    "data.download",
-    "data.url",
-    "data.cache",
-    "output.dir",
-    "output.name",
+# Keys that may differ when a run is resumed, and what changing each does: how long the run goes on, what
+# it logs or keeps, where things are, never the model, the data or the rule of the updates.  The table of
+# docs/reliability.md is generated from it (``safe_keys_table``).
+SAFE_ON_RESUME = {
+    "train.epochs": "runs longer or shorter; under the cosine and linear schedules it also stretches or "
+    "shrinks the rest of the decay, since they follow the fraction of the run done",
+    "train.max_steps": "the same as train.epochs, counted in steps",
+    "train.time_budget": "the same, counted in minutes of the whole run, earlier sessions included",
+    "train.log_every": "how often a train line is logged",
+    "train.checkpoint_every": "how often last.npz is written",
+    "train.checkpoint_minutes": "how often last.npz is written, by the clock",
+    "train.keep_last": "how many numbered checkpoints are kept",
+    "train.max_bad_steps": "how many non-finite steps in a row are skipped before reloading",
+    "train.bad_step_lr_factor": "what reloading after divergence does to the learning rate",
+    "train.threads_per_rank": "how many threads each process uses (the last bits of sums may differ)",
+    "train.check_sync_every": "how often the ranks check they hold the same parameters",
+    "data.root": "where the corpus files are looked for (they must give the same vocabulary)",
+    "data.download": "whether missing corpus files may be downloaded",
+    "data.url": "where they are downloaded from (they are checked against the same pinned checksums)",
+    "data.cache": "whether the token ids are kept in data/cache/",
+    "output.dir": "the run directory's parent (for the default --run-dir)",
+    "output.name": "the run directory's name (for the default --run-dir)",
 }
+SAFE_TO_CHANGE_ON_RESUME = set(SAFE_ON_RESUME)
+
+
+def safe_keys_table():
+    """Markdown table of SAFE_ON_RESUME (docs/reliability.md)."""
+    rows = [f"| `{key}` | {what} |" for key, what in SAFE_ON_RESUME.items()]
+    return "\n".join(["| key | changing it on resume |", "|---|---|", *rows])
 
 
 def flatten(d, prefix=""):
@@ -351,14 +362,79 @@ def _keys(cls, prefix=""):
 ALL_KEYS = _keys(Config)
 
 
+# The names other tools give these keys (PyTorch's word_language_model, AWD-LSTM, Keras, ...): an unknown
+# key whose last part is one of them is suggested the key it means.
+OTHER_NAMES = {
+    "learning_rate": "train.lr",
+    "learningrate": "train.lr",
+    "step_size": "train.lr",
+    "nhid": "model.hidden_size",
+    "hidden": "model.hidden_size",
+    "hidden_dim": "model.hidden_size",
+    "units": "model.hidden_size",
+    "emsize": "model.emb_size",
+    "embedding_size": "model.emb_size",
+    "embedding_dim": "model.emb_size",
+    "emb_dim": "model.emb_size",
+    "nlayers": "model.num_layers",
+    "layers": "model.num_layers",
+    "n_layers": "model.num_layers",
+    "rnn_type": "model.cell",
+    "model": "model.cell",
+    "tied": "model.tie_weights",
+    "tie": "model.tie_weights",
+    "dropout_rate": "model.dropout",
+    "dropouti": "model.dropout_input",
+    "dropouth": "model.dropout_hidden",
+    "dropoute": "model.embedding_dropout",
+    "wdrop": "model.weight_drop",
+    "clip": "train.clip_grad_norm",
+    "grad_clip": "train.clip_grad_norm",
+    "clip_norm": "train.clip_grad_norm",
+    "max_grad_norm": "train.clip_grad_norm",
+    "batch": "train.batch_size",
+    "batchsize": "train.batch_size",
+    "seq_len": "train.bptt",
+    "seq_length": "train.bptt",
+    "sequence_length": "train.bptt",
+    "num_steps": "train.bptt",
+    "epoch": "train.epochs",
+    "num_epochs": "train.epochs",
+    "max_epochs": "train.epochs",
+    "wdecay": "train.weight_decay",
+    "optim": "train.optimizer",
+    "log_interval": "train.log_every",
+    "save": "output.dir",
+    "data": "data.root",
+}
+
+
 def _unknown_key(path, source):
-    close = difflib.get_close_matches(path, ALL_KEYS, n=1, cutoff=0.6)
+    last = path.rsplit(".", 1)[-1]
+    close = [OTHER_NAMES[last.lower()]] if last.lower() in OTHER_NAMES else []
+    close = close or difflib.get_close_matches(path, ALL_KEYS, n=1, cutoff=0.6)
     if not close:  # a misspelled last part alone, e.g. 'lr_decy' -> 'train.lr_decay'
-        last = path.rsplit(".", 1)[-1]
         by_last = {k.rsplit(".", 1)[-1]: k for k in ALL_KEYS}
         close = [by_last[m] for m in difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)]
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{source}unknown key '{path}'{hint}")
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"'{path}'{hint}"
+
+
+def _unknown_keys(paths, source):
+    """One error naming every unknown key, each with a suggestion where one is close."""
+    named = [_unknown_key(path, "") for path in paths]
+    if len(named) == 1:  # unknown key 'x'; did you mean 'y'?
+        return ConfigError(f"{source}unknown key {named[0].replace(' (did you mean', '; did you mean').rstrip(')')}")
+    return ConfigError(f"{source}unknown keys {', '.join(named)}")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
+
+
+def shown(value):
+    """A value as an error message shows it: repr, cut short (a config value may be megabytes)."""
+    return _SHORT.repr(value)
 
 
 def _type_name(tp):
@@ -371,7 +447,7 @@ def _check_paths(path, value, source):
         return value
     if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
         return list(value)
-    raise ConfigError(f"{source}'{path}' must be a path or a list of paths, got {value!r}")
+    raise ConfigError(f"{source}'{path}' must be a path or a list of paths, got {shown(value)}")
 
 
 def _check_value(path, value, tp, meta, source):
@@ -385,7 +461,9 @@ def _check_value(path, value, tp, meta, source):
     if typing.get_origin(tp) is list:  # model.adaptive_cutoffs: each item is checked as a key of its own
         if not isinstance(value, list):
             null = " or null" if optional else ""
-            raise ConfigError(f"{source}'{path}' must be a list of integers{null}, e.g. [2000, 10000], got {value!r}")
+            raise ConfigError(
+                f"{source}'{path}' must be a list of integers{null}, e.g. [2000, 10000], got {shown(value)}"
+            )
         return [_check_value(f"{path}[{k}]", v, typing.get_args(tp)[0], meta, source) for k, v in enumerate(value)]
     ok = (
         (tp is bool and isinstance(value, bool))
@@ -395,20 +473,20 @@ def _check_value(path, value, tp, meta, source):
     )
     if not ok:
         null = " or null" if optional else ""
-        raise ConfigError(f"{source}'{path}' must be {_type_name(tp)}{null}, got {value!r}")
+        raise ConfigError(f"{source}'{path}' must be {_type_name(tp)}{null}, got {shown(value)}")
     if tp is float:
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{source}'{path}' must be a finite number, got {value!r}")
+            raise ConfigError(f"{source}'{path}' must be a finite number, got {shown(value)}")
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(meta["choices"])
-        raise ConfigError(f"{source}'{path}' must be one of {allowed}; got {value!r}")
+        raise ConfigError(f"{source}'{path}' must be one of {allowed}; got {shown(value)}")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
         word = "greater than" if meta.get("min_exclusive") else "at least"
-        raise ConfigError(f"{source}'{path}' must be {word} {lo}, got {value!r}")
+        raise ConfigError(f"{source}'{path}' must be {word} {lo}, got {shown(value)}")
     if hi is not None and value > hi:
-        raise ConfigError(f"{source}'{path}' must be at most {hi}, got {value!r}")
+        raise ConfigError(f"{source}'{path}' must be at most {hi}, got {shown(value)}")
     return value
 
 
@@ -417,12 +495,12 @@ def _build(cls, raw, prefix, source):
         raw = {}
     if not isinstance(raw, dict):
         name = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{source}'{name}' must be a mapping of keys to values, got {raw!r}")
+        raise ConfigError(f"{source}'{name}' must be a mapping of keys to values, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise _unknown_key(prefix + str(key), source)
+    unknown = [key for key in raw if key not in known]
+    if unknown:
+        raise _unknown_keys([prefix + (key if isinstance(key, str) else shown(key)) for key in unknown], source)
     kwargs = {}
     for name, f in known.items():
         if name not in raw:
@@ -502,17 +580,52 @@ def _yaml_error(path, err):
     return ConfigError(f"{where}: invalid YAML: {problem}")
 
 
+MAX_NODES = 100_000  # values a config may hold once its aliases (*name) are expanded: an "alias bomb" of a
+# few hundred bytes expands to billions, and an error message printing one would fill the disk
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently) and a
+    document whose aliases expand to more than MAX_NODES values, and reads 1e-3 as the number people mean
+    (YAML 1.1 wants 1.0e-3)."""
+
+    def compose_node(self, parent, index):
+        node = super().compose_node(parent, index)
+        sizes = self.__dict__.setdefault("sizes", {})
+        if id(node) not in sizes:  # an alias returns its anchor's node, already counted
+            children = (
+                node.value
+                if isinstance(node, yaml.SequenceNode)
+                else ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+            )
+            sizes[id(node)] = 1 + sum(sizes.get(id(child), 1) for child in children)
+            if sizes[id(node)] > MAX_NODES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases that expand to more than {MAX_NODES:,} values", node.start_mark
+                )
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *defaults, whose keys this mapping may override
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# A float with an exponent and no dot (1e-3, 5E+2): YAML 1.1 reads it as a string.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def load_yaml(stream):
+    """YAML text or a file object read by the strict loader."""
+    return yaml.load(stream, Loader=_StrictLoader)
 
 
 def read_yaml(path):
@@ -520,7 +633,7 @@ def read_yaml(path):
     path = require_file(path, "config file", ConfigError)
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.load(fh, Loader=_StrictLoader)
+            raw = load_yaml(fh)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as err:
@@ -547,8 +660,12 @@ def parse_override(text):
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set '{text}': expected key.path=value, e.g. train.lr=0.5")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+        parsed = load_yaml(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        if "expand to more than" in str(err):
+            raise ConfigError(
+                f"--set '{shown(text)}': YAML aliases that expand to more than {MAX_NODES:,} values"
+            ) from None
         parsed = value  # a plain string such as a path with odd characters
     return key.split("."), parsed
 
@@ -560,7 +677,7 @@ def apply_overrides(raw, overrides):
         parts, value = parse_override(text)
         path = ".".join(parts)
         if path not in ALL_KEYS:
-            raise _unknown_key(path, "--set: ")
+            raise _unknown_keys([path], "--set: ")
         node = raw
         for part in parts[:-1]:
             child = node.get(part)

@@ -4,10 +4,10 @@ Every function returns the path it wrote, or None when matplotlib is not
 installed: the commands print their tables either way.
 """
 
-import json
 import os
 
 from lmtrain.errors import LmtrainError
+from lmtrain.run_dir import MetricsLog
 
 HOW_TO_PLOT = "for PNG plots install matplotlib: pip install -e '.[plot]'"
 
@@ -24,18 +24,11 @@ def _pyplot():
 
 
 def read_metrics(run_dir):
+    """The events of a run's metrics.jsonl (a last line cut off by a crash is left out)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise LmtrainError(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    events = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    raise LmtrainError(f"{path}: line {number} is not JSON") from None
-    return events
+    return MetricsLog(path).read()[0]
 
 
 def run_curves(run_dir):

@@ -250,6 +250,14 @@ def _make_world():
             ) from None
         return World()
     comm = MPI.COMM_WORLD
+    if size > 1 and comm.Get_size() == 1:
+        # Each of the launcher's processes would train alone, all of them into one run directory.
+        library = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+        raise LmtrainError(
+            f"the launcher started {size} processes, but mpi4py sees a world of 1: mpi4py is "
+            f"built against another MPI ({library}) than the one whose mpiexec started lmtrain; "
+            f"use that MPI's mpiexec, or reinstall mpi4py against the launcher's MPI"
+        )
     return MPIWorld(comm, MPI) if comm.Get_size() > 1 else World()
 
 

@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 
 import numpy as np
 
@@ -92,13 +91,40 @@ class Evil:
         return (os.system, ("touch PWNED",))
 
 
-def closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CKPT = "run/checkpoints/best.npz"
+
+
+def huge_header():
+    """An .npz whose one member's header claims a (2^40,) array (4 TB) it does not hold."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**40,)})
+    with zipfile.ZipFile("huge.npz", "w") as zf:
+        zf.writestr("meta.npy", header.getvalue() + bytes(16))
+
+
+def deep_meta():
+    """A checkpoint whose metadata is JSON nested 100,000 deep, with a valid checksum."""
+    with np.load(CKPT, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "sha256"}
+    arrays["meta"] = np.array("[" * 100_000 + "]" * 100_000)
+    arrays["sha256"] = np.array(documented_sha256(arrays))
+    np.savez("deep.npz", **arrays)
+
+
+def text_run_then_edit():
+    """A run on a text corpus, then its training file rewritten with two words' frequencies swapped."""
+    words = "the cat sat on the mat . a dog ran after the cat .\n"
+    text_corpus(train=words * 20, valid=words, test=words)
+    assert run_main(["fit", "text.yaml", "--run-dir", "run", "--quiet"])[0] == 0
+    write("corpus/train.txt", words.replace("the", "zzz").replace("cat", "the").replace("zzz", "cat") * 20)
+
+
+def alias_bomb():
+    rows = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    write("bomb.yaml", "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + rows + "train: {lr: *i}\n")
 
 
 def trained_then(setup):
@@ -459,7 +485,7 @@ CASES = [
     (
         "ptb-offline",
         "PTB absent, machine offline",
-        lambda: write("p.yaml", f"data: {{source: ptb, root: ptbdir, url: 'http://127.0.0.1:{closed_port()}/'}}\n"),
+        lambda: write("p.yaml", "data: {source: ptb, root: ptbdir, url: 'http://127.0.0.1:0/'}\n"),
         ["fit", "p.yaml"],
         "could not download",
         2,
@@ -636,6 +662,46 @@ CASES = [
         trained_then(lambda: resave(CKPT, "less.npz", lambda m, p: p.pop("decoder.bias"))),
         ["eval", "--ckpt", "less.npz"],
         "lacks parameter 'decoder.bias'",
+        2,
+    ),
+    (
+        "ckpt-huge-shape",
+        "an array whose header claims 2^40 numbers, in a 200-byte file",
+        huge_header,
+        ["eval", "--ckpt", "huge.npz"],
+        "claims shape (1099511627776,)",
+        2,
+    ),
+    (
+        "ckpt-deep-meta",
+        "metadata nested 100,000 deep, re-signed",
+        trained_then(deep_meta),
+        ["eval", "--ckpt", "deep.npz"],
+        "its 'meta' entry is not JSON",
+        2,
+    ),
+    (
+        "eval-vocab-changed",
+        "the training text changed since the model was trained on it",
+        text_run_then_edit,
+        ["eval", "--ckpt", "run/checkpoints/best.npz"],
+        "now gives another vocabulary than the one the model",
+        2,
+    ),
+    (
+        "config-alias-bomb",
+        "a 400-byte config whose aliases expand to a billion values",
+        alias_bomb,
+        ["fit", "bomb.yaml"],
+        "aliases that expand to more than 100,000 values",
+        2,
+    ),
+    (
+        "config-two-unknown",
+        "two unknown keys, named as other tools name them",
+        lambda: write("c.yaml", "train: {learning_rate: 1, seq_len: 70}\n"),
+        ["fit", "c.yaml"],
+        "unknown keys 'train.learning_rate' (did you mean 'train.lr'?)",
         2,
     ),
     # -- prompts --------------------------------------------------------------

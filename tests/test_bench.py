@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from lmtrain.bench import flops
 from lmtrain.config import ModelConfig
 from lmtrain.nn.model import LanguageModel
@@ -46,17 +48,19 @@ def test_bench_command_reports_every_figure(tiny_config):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    for key in (
-        "train_tokens_per_s",
-        "eval_tokens_per_s",
-        "generate_ms_per_token",
-        "percent_of_limit",
-        "train_gflop_s",
-        "peak_rss_mb",
-        "limit_step_ms",
-        "limit_best_rates_ms",
-    ):
+    for key in ("eval_tokens_per_s", "generate_ms_per_token", "peak_rss_mb", "limit_best_rates_ms"):
         assert report[key] > 0, key
+    # the figures agree with each other: a rate is the batch's tokens over the step's time, GFLOP/s that rate
+    # times the products' FLOPs per token, the limit a fraction of the step
+    c = report["config"]
+    tokens = c["batch_size"] * c["bptt"]
+    assert report["train_tokens_per_s"] == pytest.approx(tokens / (report["train_step_ms"] / 1000), rel=1e-9)
+    assert report["train_gflop_s"] == pytest.approx(
+        report["flops_per_token"] * report["train_tokens_per_s"] / 1e9, rel=1e-9
+    )
+    product_flops = sum(2 * m * k * n * p["count"] for p in report["products"] for m, k, n in [p["shape"]])
+    assert product_flops == pytest.approx(report["flops_per_token"] * tokens)
+    assert 0 < report["limit_step_ms"] < 10 * report["train_step_ms"] and 0 < report["percent_of_limit"] < 1000
     assert len(report["products"]) == 9
     assert report["eval_limit_tokens_per_s"] > 0
     assert list(report["layers"]["eval"]) == ["embedding", "lstm 0", "decoder", "softmax cross-entropy"]

@@ -95,20 +95,6 @@ def test_tampered_array_fails_checksum(saved):
         load_checkpoint(path)
 
 
-def test_atomic_write_keeps_old_file_when_writing_fails(saved, monkeypatch):
-    path, model = saved
-    before = path.read_bytes()
-
-    def fail(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(np.lib.format, "write_array", fail)
-    with pytest.raises(Exception, match="No space left"):
-        save_checkpoint(path, model.params, {"config": {}, "vocab": {}})
-    assert path.read_bytes() == before
-    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
-
-
 @pytest.mark.parametrize(
     "model",
     [

@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import os
 import shutil
-import socket
 import stat
 import threading
 import zipfile
@@ -56,11 +55,10 @@ def test_missing_remote_file_is_a_clear_error(server, tmp_path):
 
 
 def test_offline_is_a_clear_error(tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # port 0: nothing can listen there, so the connection is refused at once (a port found free and closed
+    # again could be taken by another process before the test connects)
     with pytest.raises(DataError, match="could not download.*put train.txt, valid.txt and test.txt"):
-        sources.ensure_ptb(str(tmp_path / "ptb"), base_url=f"http://127.0.0.1:{port}/", log=lambda *a: None)
+        sources.ensure_ptb(str(tmp_path / "ptb"), base_url="http://127.0.0.1:0/", log=lambda *a: None)
 
 
 def test_no_download_allowed(tmp_path):
@@ -100,6 +98,7 @@ class RangeServer(http.server.ThreadingHTTPServer):
     def __init__(self, root):
         super().__init__(("127.0.0.1", 0), RangeHandler)
         self.root, self.ranges, self.cut, self.ranges_asked, self.sent = root, True, None, [], 0
+        self.wrong_range = False  # answer a range request with the range of the whole file
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -125,7 +124,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         self.send_response(206 if start else 200)
         if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            first = 0 if srv.wrong_range else start
+            self.send_header("Content-Range", f"bytes {first}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         body = body if srv.cut is None else body[: srv.cut]
@@ -177,6 +177,7 @@ def pin(monkeypatch, archive, tokens=FIXTURE_COUNTS, vocab=FIXTURE_VOCAB):
         size=len(data),
         tokens=tokens,
         vocab=vocab,
+        files={s: hashlib.sha1(FIXTURE[s].encode()).hexdigest() for s in FIXTURE},
     )
     monkeypatch.setitem(sources.RELEASES, "wikitext-2", release)
 
@@ -320,21 +321,126 @@ def test_a_crafted_archive_is_refused_with_nothing_written(range_server, tmp_pat
     root = tmp_path / "data" / "wt2"
     with pytest.raises(DataError, match=f"archive .* refused: member .*{message}.*nothing was unpacked"):
         sources.ensure_wikitext("wikitext-2", str(root), url=url + "wikitext-2-v1.zip", log=lambda *a: None)
-    assert not outside.exists()
     assert not root.exists()  # neither the archive nor any of its members stays in the data directory
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "served"]
     assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_an_archive_put_there_by_hand_is_unpacked_and_kept(tmp_path, monkeypatch):
+    """A file already there is kept when it is the member's, replaced by the member when it is not (a file
+    cut short, an edit): what is unpacked is always the release."""
     root = tmp_path / "wt2"
     root.mkdir()
     archive = wikitext_zip(root / "wikitext-2-v1.zip")
     pin(monkeypatch, archive)
-    (root / "wiki.valid.tokens").write_text("my own valid\n")  # a file already there is never overwritten
-    paths = sources.ensure_wikitext("wikitext-2", str(root), allow_download=False, log=lambda *a: None)
-    assert archive.exists() and open(paths["valid"]).read() == "my own valid\n"
-    assert open(paths["test"]).read() == FIXTURE["test"]
+    (root / "wiki.valid.tokens").write_text(FIXTURE["valid"][:-5])  # truncated
+    (root / "wiki.test.tokens").write_text(FIXTURE["test"])
+    mtime = os.stat(root / "wiki.test.tokens").st_mtime_ns
+    lines = []
+    paths = sources.ensure_wikitext("wikitext-2", str(root), allow_download=False, log=lines.append)
+    assert archive.exists() and open(paths["valid"]).read() == FIXTURE["valid"]
+    assert os.stat(paths["test"]).st_mtime_ns == mtime and open(paths["test"]).read() == FIXTURE["test"]
+    assert lines[-1].startswith("unpacked wiki.train.tokens, wiki.valid.tokens from")
+
+
+def test_wikitext_files_already_in_the_data_directory_are_verified(tmp_path, monkeypatch):
+    """Found without an archive, each file is checked against the release's pinned SHA-1, as PTB's are.
+    Before: a truncated file was used, and only the token counts' warning (hidden by --json) said so."""
+    archive = wikitext_zip(tmp_path / "a.zip")
+    pin(monkeypatch, archive)
+    root = tmp_path / "wt2"
+    root.mkdir()
+    for split, text in FIXTURE.items():
+        (root / f"wiki.{split}.tokens").write_text(text)
+    assert sources.ensure_wikitext("wikitext-2", str(root), allow_download=False)["train"] == str(
+        root / "wiki.train.tokens"
+    )
+    (root / "wiki.train.tokens").write_text(FIXTURE["train"][:20])
+    with pytest.raises(DataError, match=r"wiki.train.tokens is not WikiText-2's wiki.train.tokens \(SHA-1 mismatch"):
+        sources.ensure_wikitext("wikitext-2", str(root), allow_download=False)
+
+
+def test_the_pinned_sha1_of_every_wikitext_file_is_there():
+    for release in sources.RELEASES.values():
+        assert set(release.files) == {"train", "valid", "test"}
+        assert all(len(h) == 40 and int(h, 16) for h in release.files.values())
+
+
+def special(name, mode):
+    """A member whose header says it is a device or a FIFO."""
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = mode << 16
+    return info, b"x"
+
+
+def mark_encrypted(archive, name):
+    """Set the "encrypted" flag of ``name``'s central directory entry (zipfile cannot write one)."""
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46 : at + 46 + len(name)] != name.encode():
+        at = data.index(b"PK\x01\x02", at + 4)
+    data[at + 8] |= 0x1
+    archive.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "member,message",
+    [
+        (special("wikitext-2/dev", stat.S_IFCHR | 0o644), "is not a regular file"),
+        (special("wikitext-2/fifo", stat.S_IFIFO | 0o644), "is not a regular file"),
+        (("wikitext-2/secret", b"x"), "is encrypted"),
+        (("/", b""), "has an invalid name"),
+    ],
+    ids=["device", "fifo", "encrypted", "empty-name"],
+)
+def test_members_that_are_not_plain_files_are_refused(tmp_path, member, message):
+    from lmtrain.data.download import unpack
+
+    archive = wikitext_zip(tmp_path / "a.zip", extra=[member])
+    if "encrypted" in message:
+        mark_encrypted(archive, member[0])
+    with pytest.raises(DataError, match=f"member .* {message}; nothing was unpacked"):
+        unpack(str(archive), str(tmp_path), {"wikitext-2/wiki.test.tokens": "t"})
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    "bound,message", [("MAX_MEMBERS", "members, more than"), ("MAX_TOTAL_BYTES", "would unpack to more than")]
+)
+def test_too_many_members_or_bytes_refuse_the_archive(tmp_path, monkeypatch, bound, message):
+    from lmtrain.data import download
+
+    monkeypatch.setattr(download, bound, 2 if bound == "MAX_MEMBERS" else 60)
+    archive = wikitext_zip(tmp_path / "a.zip")
+    with pytest.raises(DataError, match=message):
+        download.unpack(str(archive), str(tmp_path), {"wikitext-2/wiki.test.tokens": "t"})
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_member_damaged_in_the_archive_is_caught_by_its_crc(tmp_path):
+    from lmtrain.data.download import unpack
+
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("wikitext-2/wiki.test.tokens", FIXTURE["test"] * 5)
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"The cat")
+    data[at] ^= 0x20
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="is damaged .*CRC"):
+        unpack(str(archive), str(tmp_path), {"wikitext-2/wiki.test.tokens": "t"})
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_resumed_download_answered_with_another_range_is_refused(range_server, tmp_path):
+    httpd, url = range_server
+    (httpd.root / "f.bin").write_bytes(b"0123456789" * 100)
+    (tmp_path / "f.bin.part").write_bytes(b"0123456789" * 30)
+    httpd.wrong_range = True
+    with pytest.raises(DataError, match="could not resume .* answered with the range 'bytes 0-999/1000'"):
+        sources.download(url + "f.bin", str(tmp_path / "f.bin"), hashlib.sha256(b"0123456789" * 100).hexdigest())
+    assert (tmp_path / "f.bin.part").stat().st_size == 300  # kept: the next attempt may resume it
 
 
 def test_a_foreign_archive_put_there_by_hand_is_refused(tmp_path):

@@ -121,10 +121,15 @@ def reference(resumable, tmp_path):
 
 
 def wait_for_train_lines(run, n, proc, timeout=120):
+    """Block until the job has logged n train events; fails saying so if it ends first or the time runs out."""
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(run / "metrics.jsonl") and sum('"train"' in l for l in open(run / "metrics.jsonl")) >= n:
-            return
+    while not (
+        os.path.exists(run / "metrics.jsonl") and sum('"train"' in line for line in open(run / "metrics.jsonl")) >= n
+    ):
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before logging {n} train events")
+        if time.time() > deadline:
+            raise AssertionError(f"gave up after {timeout} s waiting for {n} train events in {run}")
         time.sleep(0.01)
 
 

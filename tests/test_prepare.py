@@ -322,3 +322,11 @@ def test_the_model_reads_strided_unsigned_ids_as_it_reads_int64(dtype):
         results.append((loss, model.store.grad.copy()))
     assert results[0][0] == results[1][0]
     assert np.array_equal(results[0][1], results[1][1])
+
+
+def test_a_cache_directory_that_cannot_be_written_is_one_line(tmp_path):
+    """The cache root is not a directory one can write into (here a file sits where it should be)."""
+    files = write_splits(tmp_path / "txt")
+    (tmp_path / "cache").write_text("a file, not a directory")
+    with pytest.raises(DataError, match="cannot create the corpus cache .*: Not a directory"):
+        prepare_corpus(files, str(tmp_path / "cache"), log=lambda *a: None)

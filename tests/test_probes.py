@@ -97,7 +97,13 @@ def test_recall_probe_command_and_json(small_run, tmp_path, mode):
     out = json.loads(proc.stdout)
     assert out["distances"] == [0, 3] and out["stories"] == 20 and out["mode"] == mode
     accuracy = next(iter(out["models"].values()))["accuracy"]
-    assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
+    from lmtrain.build import model_from_checkpoint
+    from lmtrain.checkpoint import load_checkpoint
+    from lmtrain.probes import recall
+
+    model, vocab, cfg = model_from_checkpoint(load_checkpoint(small_run), kernels="auto")
+    assert accuracy == [r["accuracy"] for r in recall(model, vocab, cfg, [0, 3], 20, mode)]
+    assert out["chance"] == pytest.approx(1 / 15)
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 

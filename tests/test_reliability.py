@@ -54,15 +54,43 @@ def count_train_lines(run):
         return sum('"event": "train"' in line for line in fh)
 
 
-def wait_for_lines(run, n, proc, timeout=60):
-    """Block until the process has logged n more train events than now (or ended)."""
+def wait_for_lines(run, n, proc, timeout=120):
+    """Block until the process has logged n more train events than now; fails saying so if it ends first or
+    the time runs out."""
     target = count_train_lines(run) + n
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if count_train_lines(run) >= target:
-            return True
+    while count_train_lines(run) < target:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the run ended (exit {proc.returncode}) before logging {n} more train events: "
+                f"{proc.stderr.read()[-2000:]}"
+            )
+        if time.time() > deadline:
+            raise AssertionError(f"gave up after {timeout} s waiting for {n} more train events in {run}")
         time.sleep(0.002)
-    return False
+
+
+def finish(proc, timeout=300):
+    """The exit code of ``proc``, which must end within ``timeout`` seconds."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"gave up after {timeout} s waiting for {proc.args[2:5]} to end") from None
+
+
+def read_line(stream, timeout=60, what="a line"):
+    """The next line of ``stream`` (a pipe), or a failure saying what did not come within ``timeout`` s."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as Timeout
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(stream.readline)
+        try:
+            return future.result(timeout=timeout)
+        except Timeout:
+            stream.close()  # unblocks the reader
+            raise AssertionError(f"gave up after {timeout} s waiting for {what}") from None
 
 
 @pytest.fixture
@@ -76,7 +104,7 @@ def resumable(tmp_path):
 def reference(resumable, tmp_path):
     run = tmp_path / "reference"
     proc = start(resumable, run)
-    assert proc.wait() == 0, proc.stderr.read()
+    assert finish(proc) == 0, proc.stderr.read()
     return train_losses(run)
 
 
@@ -90,10 +118,8 @@ def test_interrupted_runs_resume_to_identical_losses(resumable, reference, tmp_p
     proc = start(resumable, run)
     for sig in plan:
         wait_for_lines(run, rng.randrange(5, total // len(plan)), proc)
-        if proc.poll() is not None:
-            break
         proc.send_signal(sig)
-        code = proc.wait()
+        code = finish(proc)
         expected = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[sig]
         assert code == expected, proc.stderr.read()
         if sig != signal.SIGKILL:
@@ -101,8 +127,8 @@ def test_interrupted_runs_resume_to_identical_losses(resumable, reference, tmp_p
         done_signals.append(sig)
         load_checkpoint(run / "checkpoints" / "last.npz")  # always loadable
         proc = start(resumable, run, "--resume")
-    assert proc.wait() == 0, proc.stderr.read()
-    assert len(done_signals) >= 3
+    assert finish(proc) == 0, proc.stderr.read()
+    assert len(done_signals) == len(plan)
     assert train_losses(run) == reference
     resumes = [json.loads(l) for l in open(run / "metrics.jsonl") if '"resume"' in l]
     assert len(resumes) == len(done_signals)
@@ -114,7 +140,7 @@ PAUSE_BEFORE_RENAME = """
 import sys, time
 import lmtrain.checkpoint as checkpoint
 from lmtrain.cli import main
-write, calls = checkpoint._write_npz, [0]
+write, calls = checkpoint.write_npz, [0]
 def paused(fh, arrays):
     write(fh, arrays)
     calls[0] += 1
@@ -122,7 +148,7 @@ def paused(fh, arrays):
         fh.flush()
         print("PAUSED", flush=True)
         time.sleep(600)
-checkpoint._write_npz = paused
+checkpoint.write_npz = paused
 main(sys.argv[2:])
 """
 
@@ -138,14 +164,14 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(resumable, re
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout.readline().strip() == "PAUSED", proc.stderr.read()
+    assert read_line(proc.stdout, what="the writer to pause").strip() == "PAUSED", proc.stderr.read()
     assert len(glob.glob(str(ckpt_dir / ".last.npz.tmp-*"))) == 1
     proc.kill()
-    proc.wait()
+    finish(proc)
     before = load_checkpoint(ckpt_dir / "last.npz")  # the previous checkpoint is intact
     assert before.meta["step"] == 18
     proc = start(resumable, run, "--resume")
-    assert proc.wait() == 0, proc.stderr.read()
+    assert finish(proc) == 0, proc.stderr.read()
     assert not glob.glob(str(ckpt_dir / ".*.tmp-*"))  # leftovers cleaned on resume
     assert train_losses(run) == reference
 
@@ -169,7 +195,8 @@ def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(tmp_path):
     proc = start(cfg, run)
     wait_for_lines(run, 1, proc)
     proc.send_signal(signal.SIGINT)
-    assert "SIGINT received" in proc.stdout.readline() + proc.stdout.readline()  # the handler ran
+    lines = read_line(proc.stdout, what="the handler's first line") + read_line(proc.stdout, what="its message")
+    assert "SIGINT received" in lines  # the handler ran
     steps_logged = count_train_lines(run)
     sent = time.time()
     proc.send_signal(signal.SIGINT)
@@ -187,7 +214,7 @@ def test_second_ctrl_c_quits_at_once_and_keeps_checkpoints(tmp_path):
 def test_periodic_checkpoints_change_nothing(resumable, reference, tmp_path):
     run = tmp_path / "often"
     proc = start(resumable, run, "--set", "train.checkpoint_every=1", "--set", "train.keep_last=3")
-    assert proc.wait() == 0, proc.stderr.read()
+    assert finish(proc) == 0, proc.stderr.read()
     assert train_losses(run) == reference
     numbered = sorted(p.name for p in (run / "checkpoints").glob("step-*.npz"))
     assert len(numbered) == 3 and numbered[-1] == f"step-{reference[-1][0]:08d}.npz"
@@ -195,10 +222,16 @@ def test_periodic_checkpoints_change_nothing(resumable, reference, tmp_path):
 
 def test_same_seed_gives_bit_identical_checkpoint_files(resumable, tmp_path):
     for name in ("a", "b"):
-        assert start(resumable, tmp_path / name, "--set", "train.epochs=1").wait() == 0
+        assert finish(start(resumable, tmp_path / name, "--set", "train.epochs=1")) == 0
     for ckpt in ("best.npz", "last.npz"):
         a = (tmp_path / "a" / "checkpoints" / ckpt).read_bytes()
         assert a == (tmp_path / "b" / "checkpoints" / ckpt).read_bytes()
+    assert finish(start(resumable, tmp_path / "c", "--set", "train.epochs=1", "--set", "seed=4")) == 0
+    with (
+        np.load(tmp_path / "a" / "checkpoints" / "last.npz") as a,
+        np.load(tmp_path / "c" / "checkpoints" / "last.npz") as c,
+    ):
+        assert not np.array_equal(a["param/embedding.weight"], c["param/embedding.weight"])
 
 
 def quiet(*a, **k):

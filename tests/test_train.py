@@ -16,31 +16,19 @@ def quiet(*a, **k):
     pass
 
 
-def test_same_seed_gives_identical_checkpoints(tiny_config, tmp_path):
-    cfg = load_config(tiny_config)
-    fit(cfg, str(tmp_path / "a"), quiet=True)
-    fit(cfg, str(tmp_path / "b"), quiet=True)
-    for name in ("best.npz", "last.npz"):
-        with np.load(tmp_path / "a" / "checkpoints" / name) as a, np.load(tmp_path / "b" / "checkpoints" / name) as b:
-            for key in a.files:
-                if key.startswith("param/") or key.startswith("optim/"):
-                    assert np.array_equal(a[key], b[key]), key
-    other = load_config(tiny_config, ["seed=4"])
-    fit(other, str(tmp_path / "c"), quiet=True)
-    with (
-        np.load(tmp_path / "a" / "checkpoints" / "last.npz") as a,
-        np.load(tmp_path / "c" / "checkpoints" / "last.npz") as c,
-    ):
-        assert not np.array_equal(a["param/decoder.bias"], c["param/decoder.bias"])
-
-
 def test_training_lowers_the_loss(tiny_config, tmp_path):
     cfg = load_config(tiny_config, ["train.epochs=3"])
     result = fit(cfg, str(tmp_path / "run"), quiet=True)
     events = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [e["loss"] for e in events if e["event"] == "train"]
     assert train[-1] < train[0] - 1.0
-    assert result["test_ppl"] < 20  # from ~70 words at chance
+    # it learns the stories' structure, not only how often each word comes: well below a unigram model's
+    from lmtrain.data.sources import load_corpus
+
+    corpus = load_corpus(cfg.data, log=quiet)
+    counts = np.bincount(corpus.train, minlength=len(corpus.vocab)) + 1.0
+    unigram = np.exp(-np.log(counts / counts.sum())[corpus.test[1:]].mean())  # about 33 (72 words)
+    assert result["test_ppl"] < unigram / 4
 
 
 def test_max_steps_stops_early(tiny_config, tmp_path):

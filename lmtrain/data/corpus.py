@@ -11,6 +11,7 @@ from itertools import repeat
 
 import numpy as np
 
+from lmtrain.data.tokenize import tokenize as split_text
 from lmtrain.data.vocab import EOS, Vocab
 from lmtrain.errors import DataError, require_file
 
@@ -74,17 +75,13 @@ def _decode(block, path, what, first_line):
 
 
 def block_tokens(text, lowercase=False):
-    """Whitespace-separated tokens of whole lines, with ``<eos>`` at every line end.
+    """Whitespace-separated tokens of whole lines, with ``<eos>`` at every line end (lmtrain/data/tokenize.py:
+    byte-order marks removed, "\r\n" and a lone "\r" read as line ends).
 
     A last line without a line end still ends in ``<eos>``: a file is a
     sequence of lines, whether or not its last one is terminated.
     """
-    if lowercase:
-        text = text.lower()
-    tokens = text.replace("\n", f" {EOS} ").split()
-    if text and not text.endswith("\n"):
-        tokens.append(EOS)
-    return tokens
+    return split_text(text, "whitespace", lowercase)
 
 
 def file_tokens(path, what="corpus file", lowercase=False):

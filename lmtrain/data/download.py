@@ -127,9 +127,9 @@ def _receive(resp, url, dest, part, have, h, size, limit, hint, progress):
     return h
 
 
-def hash_file(path):
-    """The SHA-256 state after the bytes of ``path`` (a download resumes it with the bytes still to come)."""
-    h = hashlib.sha256()
+def hash_file(path, algorithm="sha256"):
+    """The hash state after the bytes of ``path`` (a download resumes it with the bytes still to come)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             h.update(chunk)
@@ -138,6 +138,21 @@ def hash_file(path):
 
 def sha256_file(path):
     return hash_file(path).hexdigest()
+
+
+def sha1_file(path):
+    return hash_file(path, "sha1").hexdigest()
+
+
+def same_as_member(path, info):
+    """Whether the file at ``path`` holds what the zip member ``info`` holds: its size, and its CRC-32."""
+    if os.path.getsize(path) != info.file_size:
+        return False
+    crc = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc == info.CRC
 
 
 def check_members(zf, archive):
@@ -150,7 +165,7 @@ def check_members(zf, archive):
         name = info.filename
         refuse = lambda why: DataError(f"archive {archive} refused: member {name!r} {why}; nothing was unpacked")  # noqa: E731
         flat = name.replace("\\", "/")
-        if "\x00" in name or not name.strip("/"):
+        if not name.strip("/"):  # (zipfile cuts a name at a NUL byte itself)
             raise refuse("has an invalid name")
         if flat.startswith("/") or (len(flat) > 1 and flat[1] == ":"):
             raise refuse("has an absolute path")
@@ -187,8 +202,8 @@ def check_members(zf, archive):
 
 def unpack(archive, target, wanted):
     """Extract the members ``wanted`` ({member path in the archive: file name in ``target``}) of the zip
-    ``archive`` into ``target``, after checking every member of it.  Files already in ``target`` are kept
-    as they are.  Returns the paths written."""
+    ``archive`` into ``target``, after checking every member of it.  A file already in ``target`` is kept
+    when it holds what its member holds (size and CRC-32), else replaced by it.  Returns the paths written."""
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as err:
@@ -206,16 +221,13 @@ def unpack(archive, target, wanted):
             for member in wanted:
                 info = members[member]
                 with zf.open(info) as src, open(os.path.join(tmp, wanted[member]), "xb") as out:
-                    copied = 0
+                    # zipfile reads no more than the header's size and checks the CRC-32 at the end
                     for chunk in iter(lambda: src.read(CHUNK), b""):
-                        copied += len(chunk)
-                        if copied > info.file_size:  # zipfile stops at the header's size; this says so
-                            raise DataError(f"archive {archive} refused: {member} is longer than its header says")
                         out.write(chunk)
             written = []
-            for name in wanted.values():
+            for member, name in wanted.items():
                 dest = os.path.join(target, name)
-                if not os.path.exists(dest):
+                if not (os.path.isfile(dest) and same_as_member(dest, members[member])):
                     os.replace(os.path.join(tmp, name), dest)
                     written.append(dest)
             return written

@@ -36,9 +36,10 @@ from lmtrain.data.vocab import EOS, Vocab
 from lmtrain.errors import DataError, require_file
 
 # Bump when the files or their meaning change: the key changes with it, so an older cache is never read.
-# Version 1 was a single data/cache/corpus-<key>.npz, which this code never opens.
-FORMAT_VERSION = 2
+# Version 1 was a single data/cache/corpus-<key>.npz, which this code never opens; version 2 had no checksums.
+FORMAT_VERSION = 3
 PROGRESS_BYTES = 32 << 20  # inputs at least this large get a progress bar
+HASH_IDS = 1 << 24  # ids hashed at a time when a prepared corpus is opened
 
 
 def cache_key(files, min_freq, max_size, lowercase):
@@ -106,18 +107,20 @@ def write_prepared(out, files, key, min_freq, max_size, lowercase, log=print):
         vocab = Vocab.build(counts, min_freq=min_freq, max_size=max_size, lowercase=lowercase)
         del counts
         dtype = id_dtype(len(vocab))
-        for split in SPLITS:  # pass 2: encode
-            _write_ids(os.path.join(out, f"{split}.npy"), split, files[split], vocab, dtype, n_tokens[split],
-                       lowercase, bar)
+        checks = {split: _write_ids(os.path.join(out, f"{split}.npy"), split, files[split], vocab, dtype,
+                                    n_tokens[split], lowercase, bar) for split in SPLITS}  # pass 2: encode
     seconds = time.perf_counter() - start
     total = sum(n_tokens.values())
     log(f"tokenised {total:,} tokens ({', '.join(f'{s} {n_tokens[s]:,}' for s in SPLITS)}; vocabulary "
         f"{len(vocab):,} words, ids {dtype.name}) in {seconds:.1f} s: {total / max(seconds, 1e-9):,.0f} tokens/s")
     meta = {"format": FORMAT_VERSION, "key": key, "dtype": dtype.name, "vocab_size": len(vocab),
             "tokens": n_tokens, "min_freq": min_freq, "max_size": max_size, "lowercase": bool(lowercase),
-            "files": {s: [os.path.abspath(p) for p in files[s]] for s in SPLITS}, "seconds": round(seconds, 3)}
-    with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as fh:
-        json.dump(vocab.to_dict(), fh, ensure_ascii=False)
+            "files": {s: [os.path.abspath(p) for p in files[s]] for s in SPLITS}, "seconds": round(seconds, 3),
+            "checks": checks}
+    text = json.dumps(vocab.to_dict(), ensure_ascii=False).encode()
+    meta["vocab_sha256"] = hashlib.sha256(text).hexdigest()
+    with open(os.path.join(out, "vocab.json"), "wb") as fh:
+        fh.write(text)
     with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as fh:  # last: it marks a whole directory
         json.dump(meta, fh, indent=1)
         fh.flush()
@@ -133,7 +136,9 @@ def _blocks(paths, split, lowercase, bar):
 
 
 def _write_ids(path, split, paths, vocab, dtype, n, lowercase, bar):
-    """Stream the ids of ``paths`` into an .npy file of ``n`` ids of ``dtype``."""
+    """Stream the ids of ``paths`` into an .npy file of ``n`` ids of ``dtype``; returns what verifies them
+    when they are read back: the SHA-256 of the ids' bytes and the largest id."""
+    digest, largest = hashlib.sha256(), -1
     with open(path, "wb") as fh:
         np.lib.format.write_array_header_1_0(
             fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
@@ -142,35 +147,60 @@ def _write_ids(path, split, paths, vocab, dtype, n, lowercase, bar):
             written += len(ids)
             if written > n:
                 break
-            fh.write(ids.tobytes())
+            data = ids.tobytes()
+            digest.update(data)
+            fh.write(data)
+            largest = max(largest, int(ids.max())) if len(ids) else largest
         fh.flush()
         os.fsync(fh.fileno())
     if written != n:
         raise DataError(f"the {split} files changed while they were being prepared ({', '.join(paths)}); "
                         f"run again once they are complete")
+    return {"sha256": digest.hexdigest(), "max_id": largest}
 
 
 def open_prepared(directory, key=None):
     """The Corpus in a prepared directory, its arrays memory-mapped; a DataError if it is not a complete
-    prepared corpus of this format (and of ``key``, when given)."""
+    prepared corpus of this format (and of ``key``, when given) exactly as it was written.
+
+    Every open checks: meta.json's format and key; vocab.json's SHA-256 (a swapped word or a flipped
+    ``lowercase``); each array's header, shape and type; the SHA-256 of each array's ids (a flipped byte; one
+    pass over the mapped ids, under a second for 100M tokens) and that its largest id, recorded when it was
+    written, names a word of the vocabulary."""
     try:
         with open(os.path.join(directory, "meta.json"), encoding="utf-8") as fh:
             meta = json.load(fh)
-        if meta.get("format") != FORMAT_VERSION or (key is not None and meta.get("key") != key):
-            raise ValueError(f"format {meta.get('format')}, not {FORMAT_VERSION}")
-        with open(os.path.join(directory, "vocab.json"), encoding="utf-8") as fh:
-            vocab = Vocab.from_dict(json.load(fh))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or (key is not None
+                                                                                   and meta.get("key") != key):
+            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else '?'}, not {FORMAT_VERSION}")
+        with open(os.path.join(directory, "vocab.json"), "rb") as fh:
+            text = fh.read()
+        if hashlib.sha256(text).hexdigest() != meta["vocab_sha256"]:
+            raise ValueError("vocab.json is not the vocabulary it was written with")
+        vocab = Vocab.from_dict(json.loads(text))
         if len(vocab) != meta["vocab_size"]:
             raise ValueError("vocab.json does not match meta.json")
-        arrays = {}
-        for split in SPLITS:
-            a = np.load(os.path.join(directory, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
-            if a.shape != (meta["tokens"][split],) or a.dtype != np.dtype(meta["dtype"]):
-                raise ValueError(f"{split}.npy has shape {a.shape} and type {a.dtype}")
-            arrays[split] = a
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"the prepared corpus {directory} is incomplete or damaged ({err})") from None
+        arrays = {split: _open_ids(directory, split, meta, len(vocab)) for split in SPLITS}
+    except Exception as err:  # any failure to read it back (numpy's header parser raises SyntaxError too)
+        raise DataError(f"the prepared corpus {directory} is incomplete or damaged "
+                        f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})") from None
     return Corpus(vocab, arrays["train"], arrays["valid"], arrays["test"])
+
+
+def _open_ids(directory, split, meta, vocab_size):
+    """One split's ids, memory-mapped and checked against what meta.json recorded."""
+    a = np.load(os.path.join(directory, f"{split}.npy"), mmap_mode="r", allow_pickle=False)
+    if a.shape != (meta["tokens"][split],) or a.dtype != np.dtype(meta["dtype"]):
+        raise ValueError(f"{split}.npy has shape {a.shape} and type {a.dtype}")
+    check = meta["checks"][split]
+    digest = hashlib.sha256()
+    for start in range(0, len(a), HASH_IDS):  # in slices: a mapped array need not be read into memory at once
+        digest.update(memoryview(np.ascontiguousarray(a[start:start + HASH_IDS])).cast("B"))
+    if digest.hexdigest() != check["sha256"]:
+        raise ValueError(f"{split}.npy does not hold the ids it was written with")
+    if not -1 <= check["max_id"] < vocab_size:
+        raise ValueError(f"{split}.npy's largest id {check['max_id']} is not a word of the vocabulary")
+    return a
 
 
 def _move_into_place(tmp, final):

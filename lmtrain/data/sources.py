@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from lmtrain.data import synthetic
 from lmtrain.data.corpus import SPLITS, build_corpus, tokenize
-from lmtrain.data.download import download, sha256_file, unpack
+from lmtrain.data.download import download, sha1_file, sha256_file, unpack
 from lmtrain.data.prepare import load_in_memory, prepare_corpus
 from lmtrain.errors import DataError, require_file
 
@@ -41,15 +41,22 @@ class Release:
     size: int        # bytes of the zip
     tokens: tuple    # published token counts of train, valid, test, <eos> included
     vocab: int       # published vocabulary size, <unk> and <eos> included
+    files: dict      # split -> SHA-1 of its wiki.<split>.tokens, as GluonNLP pins them
 
 
 RELEASES = {
     "wikitext-2": Release("WikiText-2", "wikitext-2-v1.zip", "wikitext-2",
                           "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c", 4475746,
-                          (2088628, 217646, 245569), 33278),
+                          (2088628, 217646, 245569), 33278,
+                          {"train": "863f29c46ef9d167fff4940ec821195882fe29d1",
+                           "valid": "0418625c8b4da6e4b5c7a0b9e78d4ae8f7ee5422",
+                           "test": "c7b8ce0aa086fb34dab808c5c49224211eb2b172"}),
     "wikitext-103": Release("WikiText-103", "wikitext-103-v1.zip", "wikitext-103",
                             "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590", 190229076,
-                            (103227021, 217646, 245569), 267735),
+                            (103227021, 217646, 245569), 267735,
+                            {"train": "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211",
+                             "valid": "c326ac59dc587676d58c422eb8a03e119582f92b",
+                             "test": "8a5befc548865cec54ed4273cf87dbbad60d1e47"}),
 }
 WIKITEXT_FILES = {s: f"wiki.{s}.tokens" for s in SPLITS}
 
@@ -95,7 +102,7 @@ def ensure_wikitext(source, root, allow_download=True, url=None, log=print):
     for where in (root, os.path.join(root, rel.folder)):
         paths = {s: os.path.join(where, name) for s, name in WIKITEXT_FILES.items()}
         if all(os.path.isfile(p) for p in paths.values()):
-            return paths
+            return check_wikitext(rel, paths)
     by_hand = (f"put wiki.train.tokens, wiki.valid.tokens and wiki.test.tokens of {rel.title} (or its archive "
                f"{rel.archive}) into {root} by hand, or set data.root to a directory holding them")
     archive = os.path.join(root, rel.archive)
@@ -121,7 +128,17 @@ def ensure_wikitext(source, root, allow_download=True, url=None, log=print):
     log(f"unpacked {', '.join(os.path.basename(p) for p in written) or 'nothing new'} from {archive}")
     if fetched:
         os.remove(archive)  # its content is now in root; the archive was ours, not the user's
-    return {s: os.path.join(root, name) for s, name in WIKITEXT_FILES.items()}
+    return check_wikitext(rel, {s: os.path.join(root, name) for s, name in WIKITEXT_FILES.items()})
+
+
+def check_wikitext(rel, paths):
+    """``paths`` when each file is the release's own (its pinned SHA-1), as PTB's files are checked."""
+    for split, path in paths.items():
+        if sha1_file(path) != rel.files[split]:
+            raise DataError(f"{path} is not {rel.title}'s {os.path.basename(path)} (SHA-1 mismatch: truncated or "
+                            f"edited?); delete it and lmtrain fetches the release again, or use data.source: text "
+                            f"for a corpus of your own")
+    return paths
 
 
 def text_files(spec, split):

@@ -69,3 +69,16 @@ class Vocab:
     @classmethod
     def from_dict(cls, d):
         return cls(d["words"], lowercase=d.get("lowercase", False))
+
+
+def vocab_difference(expected, actual):
+    """How ``actual`` differs from ``expected`` in a few words ("" when they are the same)."""
+    if expected == actual:
+        return ""
+    if expected.lowercase != actual.lowercase:
+        return f"lowercase {expected.lowercase} then, {actual.lowercase} now"
+    where = next((i for i, (a, b) in enumerate(zip(expected.words, actual.words)) if a != b), None)
+    sizes = f"{len(expected):,} words then, {len(actual):,} now"
+    if where is None:
+        return sizes
+    return f"{sizes}; word {where} was {expected.words[where]!r}, is {actual.words[where]!r}"

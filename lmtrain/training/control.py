@@ -15,18 +15,28 @@ class Interrupted(CollectiveError):
 
 
 class StopSignals:
-    """First SIGINT/SIGTERM: ask the loop to stop after the current step.  Second: leave at once."""
+    """First SIGINT/SIGTERM: ask the loop to stop after the current step.  Second: leave at once.
+
+    A SIGTERM again within ECHO seconds is the first one arriving twice, not a second request: a job scheduler
+    (Slurm, systemd) signals every process of the job, and under MPI the supervising process passes its copy
+    on to the rank it supervises (lmtrain/world.py), which then has two.  Ctrl-C reaches a rank once (the
+    rank leaves the launcher's process group), so a second SIGINT always means "now"."""
+
+    ECHO = 1.0
 
     def __init__(self, echo):
         self.echo = echo
         self.signum = None
         self.previous = {}
+        self.received = 0.0
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            if signum == self.signum == signal.SIGTERM and time.monotonic() - self.received < self.ECHO:
+                return
             # The checkpoints on disk are complete (writes are atomic); leave them as they are.
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.received = signum, time.monotonic()
         self.echo(
             f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
             "(press Ctrl-C again to quit at once)"
@@ -41,6 +51,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc):
+        if self.signum is not None:  # stopping: the handlers stay, so that the signal's echo still counts once
+            return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -65,6 +77,10 @@ class RunControl:
         if self.t.time_budget is not None and used >= 1.0:
             self.stopped_by_budget = True
         return int(signum), bool(save_due) and not signum
+
+    def after_evaluation(self):
+        """A signal received during the run's last evaluations, decided by every rank: its number or 0."""
+        return int(self.world.max([self.signals.signum or 0])[0])
 
     def after_validation(self, seconds):
         """A validation took ``seconds``; stop if the budget has no room left for another epoch's work."""

@@ -7,11 +7,11 @@ import socket
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import SAFE_TO_CHANGE_ON_RESUME
 from lmtrain.data.sources import load_corpus
-from lmtrain.data.vocab import Vocab
+from lmtrain.data.vocab import Vocab, vocab_difference
 from lmtrain.errors import LmtrainError
 from lmtrain.nn.adaptive import check_cutoffs
 from lmtrain.optim import averaging_start
-from lmtrain.run_dir import config_changes, prepare_run_dir, write_run_files
+from lmtrain.run_dir import RunLock, check_run_dir, config_changes, prepare_run_dir
 from lmtrain.training.run import Run
 from lmtrain.world import World
 
@@ -53,9 +53,11 @@ def read_resume_checkpoint(path, cfg):
 
 
 def check_vocab(ckpt, vocab):
-    if Vocab.from_dict(ckpt.meta["vocab"]) != vocab:
+    difference = vocab_difference(Vocab.from_dict(ckpt.meta["vocab"]), vocab)
+    if difference:
         raise LmtrainError(
-            f"cannot resume {ckpt.path}: the corpus now gives a different vocabulary (were the data files changed?)"
+            f"cannot resume {ckpt.path}: the corpus now gives another vocabulary ({difference}); "
+            f"were the data files changed?"
         )
 
 
@@ -63,30 +65,21 @@ def fit(cfg, run_dir, overwrite=False, resume=None, quiet=False, echo=print, res
     """Train as ``cfg`` says, writing everything into ``run_dir``; returns the final metrics.
 
     ``resume``: None to start afresh, "last" for the run's last.npz, or a checkpoint path.  ``world``: the
-    ranks training together (see lmtrain.world); rank 0 reads the checkpoint and writes the run directory.
-    Each set-up step either succeeds on every rank or fails on all of them.
+    ranks training together (see lmtrain.world); rank 0 holds the run directory's lock for the whole run,
+    reads the checkpoint and writes the directory.  Each set-up step either succeeds on every rank or fails
+    on all of them, and nothing is written into the directory before all of them succeeded.
     """
     say = (lambda *a, **k: None) if quiet or not world.is_main else echo
-    ckpt = None
-    if resume is not None:
-        path = os.path.join(run_dir, "checkpoints", "last.npz") if resume == "last" else resume
-        ckpt = world.on_main(lambda: read_resume_checkpoint(path, cfg))
-    # rank 0 first: it downloads and caches; the others then find the files
-    corpus = world.main_first(lambda: load_corpus(cfg.data, log=say))
-    world.on_every_rank(lambda: check_sizes(cfg, len(corpus.train), world))
-    if cfg.model.softmax == "adaptive":  # before the run directory is made, as the other checks
-        world.on_every_rank(lambda: check_cutoffs(cfg.model.adaptive_cutoffs, len(corpus.vocab)))
-    if ckpt is not None:
-        world.on_every_rank(lambda: check_vocab(ckpt, corpus.vocab))
-
-    def prepare():
-        prepare_run_dir(run_dir, overwrite, resume is not None)
-        write_run_files(run_dir, cfg, corpus.vocab)
-
-    world.on_main(prepare)
-
-    run = Run(cfg, run_dir, corpus, world=world, quiet=quiet, echo=echo, resume_hint=resume_hint)
-    say(corpus.describe())
+    lock = world.on_every_rank(lambda: RunLock(run_dir) if world.is_main else None)
+    try:
+        world.on_main(lambda: check_run_dir(run_dir, overwrite, resume is not None))
+        run, ckpt = set_up(cfg, run_dir, resume, quiet, echo, resume_hint, world, say)
+        world.on_main(lambda: prepare_run_dir(run_dir, overwrite, resume is not None, cfg, run.corpus.vocab))
+    except BaseException:
+        if world.is_main:
+            lock.abandon()
+        raise
+    say(run.corpus.describe())
     say(
         f"model: {run.model.num_params():,} parameters; run directory {run_dir}; "
         f"element-wise kernels: {run.model.layers.name}"
@@ -110,11 +103,45 @@ def fit(cfg, run_dir, overwrite=False, resume=None, quiet=False, echo=print, res
     return run.run()
 
 
+def set_up(cfg, run_dir, resume, quiet, echo, resume_hint, world, say):
+    """(the Run, the checkpoint to resume from or None): the checkpoint read and checked against the config,
+    the corpus loaded (rank 0 first: it downloads and caches; the others then find the files) and checked
+    against the config and the checkpoint, the model built.  Nothing is written into the run directory."""
+    ckpt = None
+    if resume is not None:
+        path = os.path.join(run_dir, "checkpoints", "last.npz") if resume == "last" else resume
+        ckpt = world.on_main(lambda: read_resume_checkpoint(path, cfg))
+    corpus = world.main_first(lambda: load_corpus(cfg.data, log=say))
+    world.on_every_rank(lambda: check_sizes(cfg, len(corpus.train), world))
+    if cfg.model.softmax == "adaptive":
+        world.on_every_rank(lambda: check_cutoffs(cfg.model.adaptive_cutoffs, len(corpus.vocab)))
+    if ckpt is not None:
+        world.on_every_rank(lambda: check_vocab(ckpt, corpus.vocab))
+
+    def build():
+        try:
+            return Run(cfg, run_dir, corpus, world=world, quiet=quiet, echo=echo, resume_hint=resume_hint)
+        except MemoryError:
+            raise LmtrainError(
+                "not enough memory for this model and its optimizer state; make the model or its "
+                "vocabulary smaller (model.hidden_size, data.max_size)",
+                exit_code=1,
+            ) from None
+
+    return world.on_every_rank(build), ckpt
+
+
 def resume_run(run, ckpt, world, say):
     """Continue ``run`` from ``ckpt``: its parts restored, the metrics log cut back to the checkpoint's step
     (the events after it will come again) and the clock continued from there."""
     run.restore(ckpt)
-    run.budget.resumed(world.broadcast(run.metrics.truncate_after(run.p.step) if world.is_main else None))
+    elapsed, torn = world.broadcast(run.metrics.truncate_after(run.p.step) if world.is_main else None)
+    run.budget.resumed(elapsed)
+    if torn:
+        say(
+            f"note: the last line of {run.metrics.path} was cut off ({torn} bytes, a write interrupted by a crash "
+            f"or a full disk); it was dropped, and the events after the checkpoint are logged again"
+        )
     before = ckpt.meta.get("world_size", 1)
     moved = before != world.size
     run.log.event(

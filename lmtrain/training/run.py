@@ -86,7 +86,15 @@ class Run:
             if self.control.stopped_by_budget:  # whether it ran out mid-epoch or during a closing validation
                 self.log.event("time_budget", budget_minutes=t.time_budget)
                 self.say(f"time budget of {t.time_budget:g} min reached at step {self.p.step}: evaluating and saving")
-            return self.final_test()
+            result = self.final_test()
+            signum = self.control.after_evaluation()
+            if signum:  # it came during the last validation or the test, which a signal does not cut short
+                raise Interrupted(
+                    f"stopped by {signal.Signals(signum).name} at the end of the run (step "
+                    f"{self.p.step}), after its final evaluation; its checkpoints are complete",
+                    exit_code=128 + signum,
+                )
+            return result
 
     def train_epoch(self):
         """Train from the current position to the end of the epoch (or max_steps, the budget, a signal);
