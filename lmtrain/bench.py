@@ -33,6 +33,7 @@ from lmtrain.data.corpus import Corpus
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.evaluation import feed, stream
 from lmtrain.generate import pick
+from lmtrain.nn.model import products
 from lmtrain.training import train_step
 from lmtrain.training.streams import Streams
 from lmtrain.world import World
@@ -286,7 +287,7 @@ class Bench:
     def products(self, backward=True):
         """(name, m, k, n, count) of every matrix product of one window (``backward=False``: the forward's)."""
         t = self.cfg.train
-        return self.model.products(self.local_batch, t.bptt, backward, self.tail_rows)
+        return products(self.model, self.local_batch, t.bptt, backward, self.tail_rows)
 
     def kind(self, name, m, k, n):
         """What a product's timing depends on: (m, k, n, steps of its window when it is a time step's product)."""

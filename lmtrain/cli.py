@@ -5,10 +5,13 @@ import math
 import os
 import signal
 import sys
+import time
 
 import click
+import numpy as np
 
 from lmtrain import __version__, commands
+from lmtrain.data.corpus import unk_advice
 from lmtrain.errors import LmtrainError
 from lmtrain.world import CollectiveError, current_world
 
@@ -28,7 +31,7 @@ def cli(debug):
 
 
 @cli.command()
-@click.argument("config", type=click.Path(dir_okay=True))
+@click.argument("config", required=False, type=click.Path(dir_okay=True))
 @click.option(
     "--set",
     "overrides",
@@ -43,16 +46,17 @@ def cli(debug):
     flag_value="last",
     default=None,
     metavar="[PATH]",
-    help="Continue the run from its last.npz, or from the checkpoint PATH.",
+    help="Continue the run from its last.npz, from the checkpoint PATH, or (without CONFIG) the run in the "
+    "directory PATH with its own config.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the run directory.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary lines.")
 @debug_option
 def fit(config, overrides, run_dir, resume, overwrite, quiet, debug):
-    """Train the model CONFIG (a YAML file) describes.
+    """Train the model CONFIG (a YAML file, or a preset's name: lmtrain presets) describes.
 
-    Under an MPI launcher (mpiexec -n K lmtrain fit CONFIG) the K processes
-    train together, data-parallel: see docs/scaling.md.
+    lmtrain fit --resume RUN_DIR continues a run with its own config.  Under an MPI launcher
+    (mpiexec -n K lmtrain fit CONFIG) the K processes train together, data-parallel: see docs/scaling.md.
     """
     world = commands.fit(
         config, overrides, run_dir, resume, overwrite, quiet, click.echo, lambda line: click.echo(line, err=True)
@@ -60,15 +64,118 @@ def fit(config, overrides, run_dir, resume, overwrite, quiet, debug):
     world.barrier()  # no rank leaves while rank 0 still writes (a launcher may stop the job when one ends)
 
 
-@cli.command("eval")
-@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (.npz) to evaluate.")
+@cli.command()
+@click.argument("source", default="-", metavar="[FILE|-]")
+@click.option("--ckpt", type=click.Path(), help="Checkpoint (default: best.npz of the latest run under runs/).")
 @click.option(
-    "--split",
-    type=click.Choice(["valid", "test"]),
-    default="test",
+    "--mode",
+    type=click.Choice(["independent", "stream"]),
+    default="independent",
     show_default=True,
-    help="Split of the checkpoint's corpus.",
+    help="independent: every line from a zero state (rescoring); stream: the state carried from line to "
+    "line (as eval reads a file).",
 )
+@click.option("--per-word", is_flag=True, help="Also each word's log-probability.")
+@click.option(
+    "--base",
+    type=click.Choice(["e", "10", "2"]),
+    default="e",
+    show_default=True,
+    help="Logarithm base of the log-probabilities (10: what speech toolkits take; 2: bits).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="independent: lines scored together.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@debug_option
+def score(source, ckpt, mode, per_word, base, batch_size, as_json, debug):
+    """Log-probability of each line of FILE (or standard input) and of each word in it, the <eos> after
+    each line included; a summary with perplexity and bits per word on standard error."""
+    from lmtrain.scoring import in_base, summary
+
+    if mode == "stream" and click.get_current_context().get_parameter_source("batch_size").name == "COMMANDLINE":
+        raise LmtrainError("--batch-size applies to --mode independent; a stream is one sequence")
+    ckpt = ckpt or commands.latest_checkpoint(lambda line: click.echo(line, err=True))
+    start = time.perf_counter()
+    scored, vocab = commands.score(ckpt, source, mode, batch_size)
+    for n, s in enumerate(scored, 1):
+        total = in_base(float(np.sum(s["logp"])), base)
+        ppl = math.exp(-float(np.sum(s["logp"])) / len(s["logp"]))
+        if as_json:
+            row = {
+                "line": n,
+                "text": s["text"],
+                "logprob": total,
+                "base": base,
+                "tokens": len(s["logp"]),
+                "ppl": ppl,
+                "unknown": s["unknown"],
+            }
+            if per_word:
+                row["words"] = [[w, in_base(float(p), base)] for w, p in zip(s["words"], s["logp"])]
+            click.echo(json.dumps(row, ensure_ascii=False))
+            continue
+        click.echo(f"{total:.4f}\t{len(s['logp'])}\t{ppl:.2f}\t{','.join(s['unknown'])}\t{s['text']}")
+        if per_word:
+            for w, p in zip(s["words"], s["logp"]):
+                click.echo(f"\t{w}\t{in_base(float(p), base):.4f}")
+    lines, tokens, logp, unk = summary(scored)
+    click.echo(
+        f"{lines:,} lines, {tokens:,} tokens ({100 * unk / tokens:.1f}% <unk>), {mode}: perplexity "
+        f"{math.exp(-logp / tokens):.2f}, {-logp / tokens / math.log(2):.3f} bits per word, "
+        f"{time.perf_counter() - start:.1f} s",
+        err=True,
+    )
+
+
+@cli.command()
+@click.option("--ckpt", type=click.Path(), help="Checkpoint (default: best.npz of the latest run under runs/).")
+@click.option(
+    "--format",
+    "fmt",
+    required=True,
+    type=click.Choice(["onnx", "safetensors"]),
+    help="onnx: a graph from token ids and states to log-probabilities and states; safetensors: the "
+    "weights under PyTorch's names and layouts (docs/export.md).",
+)
+@click.option("--out", required=True, type=click.Path(), help="File to write.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64"]),
+    help="Type of the weights written (default: the checkpoint's; onnxruntime runs float32).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@debug_option
+def export(ckpt, fmt, out, dtype, overwrite, debug):
+    """Write a model for use outside lmtrain: ONNX (onnxruntime) or safetensors (PyTorch); the extra
+    pip install 'lmtrain[export]' brings what they need."""
+    from lmtrain.export import export as run_export
+
+    ckpt = ckpt or commands.latest_checkpoint(lambda line: click.echo(line, err=True))
+    click.echo(f"wrote {run_export(ckpt, fmt, out, overwrite=overwrite, dtype=dtype)}")
+
+
+@cli.command()
+@debug_option
+def presets(debug):
+    """The presets that come with lmtrain, run by name: lmtrain fit NAME."""
+    from lmtrain import preset
+
+    rows = [(name, preset.about(name)) for name in preset.names()]
+    width = max(len(name) for name, _ in rows)
+    for name, about in rows:
+        click.echo(f"{name:<{width}}  {about.get('corpus', '')}")
+        click.echo(f"{'':<{width}}  {about.get('model', '')}; {about.get('time', '')}; {about.get('result', '')}")
+    click.echo(f"run one with: lmtrain fit NAME (the files are in {preset.DIR})")
+
+
+@cli.command("eval")
+@click.option("--ckpt", type=click.Path(), help="Checkpoint (default: best.npz of the latest run under runs/).")
+@click.option("--split", type=click.Choice(["valid", "test"]), help="Split of the checkpoint's corpus [default: test].")
 @click.option("--text", "text_file", type=click.Path(), help="Evaluate on this text file instead of a split.")
 @click.option(
     "--batch-size",
@@ -143,22 +250,44 @@ def eval_cmd(
 ):
     """Perplexity of a checkpoint over a whole split or file; with --cache and/or --dynamic, beside the
     base perplexity of the same stream (batch 1), each method's (docs/evaluation.md)."""
+    _refuse_together("cache", ["cache_window", "cache_theta", "cache_lambda"])
+    _refuse_together("dynamic", ["dyn_lr", "dyn_decay", "dyn_segment"])
     cache_settings = dict(window=cache_window, theta=cache_theta, lam=cache_lambda) if cache else None
     dyn_settings = dict(lr=dyn_lr, decay=dyn_decay, segment=dyn_segment) if dynamic else None
+    ckpt = ckpt or commands.latest_checkpoint(lambda line: click.echo(line, err=True))
     r = commands.evaluate(ckpt, split, text_file, batch_size, cache_settings, dyn_settings, _log(as_json))
     if as_json:
         click.echo(json.dumps(r))
-    elif "results" not in r:
+        return
+    unk = f"{100 * r['unk']:.1f}% <unk>"
+    if "results" not in r:
         click.echo(
-            f"{r['split']} perplexity {r['ppl']:.2f} (loss {r['loss']:.4f}) over {r['tokens']:,} tokens, "
-            f"batch size {r['batch_size']}, checkpoint {ckpt}"
+            f"{r['split']} perplexity {r['ppl']:.2f} ({r['bits_per_word']:.3f} bits per word, loss "
+            f"{r['loss']:.4f}) over {r['tokens']:,} tokens ({unk}), batch size {r['batch_size']}, "
+            f"checkpoint {ckpt}"
         )
     else:
         base = r["results"]["base"]["ppl"]
-        click.echo(f"{r['split']}, {r['tokens']:,} tokens, one stream, checkpoint {ckpt}")
+        click.echo(f"{r['split']}, {r['tokens']:,} tokens ({unk}), one stream, checkpoint {ckpt}")
         for name, m in r["results"].items():
             change = "" if name == "base" else f"  ({100 * (m['ppl'] / base - 1):+.1f}%)"
-            click.echo(f"  {name:<14} perplexity {m['ppl']:8.2f}{change}   {m['seconds']:.0f} s")
+            click.echo(
+                f"  {name:<14} perplexity {m['ppl']:8.2f}{change}  {m['bits_per_word']:6.3f} bits per word"
+                f"   {m['seconds']:.0f} s"
+            )
+    advice = unk_advice(r["unk"], "evaluated")
+    if advice:
+        click.echo(advice.strip(), err=True)
+
+
+def _refuse_together(needs, names):
+    """Refuse the options ``names`` given on the command line unless ``needs`` (an option's name) is: they do
+    nothing without it, and a run that silently ignores a flag is worse than an error."""
+    ctx = click.get_current_context()
+    given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if given and not ctx.params.get(needs):
+        flag = "--" + given[0].replace("_", "-")
+        raise LmtrainError(f"{flag} applies only with --{needs.replace('_', '-')}")
 
 
 def _log(as_json):
@@ -431,7 +560,7 @@ def probe_gradflow(ckpts, configs, init_only, overrides, seeds, steps, batches, 
 @debug_option
 def plot(run_dirs, out, debug):
     """Training and validation perplexity of one or more runs, against steps and against time."""
-    from lmtrain.plots import plot_runs, run_curves
+    from lmtrain.plots import HOW_TO_PLOT, plot_runs, run_curves
 
     for run in run_dirs:
         c = run_curves(run)
@@ -441,7 +570,9 @@ def plot(run_dirs, out, debug):
             + (f"; last valid ppl {last[2]:.2f} at step {last[0]} ({last[1]:.0f} s)" if last else "")
             + (f"; test ppl {c['test']:.2f}" if c["test"] else "")
         )
-    _say_plot(plot_runs(run_dirs, out), out)
+    if plot_runs(run_dirs, out) is None:
+        raise LmtrainError(f"no plot written: {HOW_TO_PLOT}")
+    click.echo(f"plot written to {out}")
 
 
 @cli.command()
@@ -461,6 +592,11 @@ def plot(run_dirs, out, debug):
 @debug_option
 def generate(ckpt, prompt, max_tokens, temperature, top_k, top_p, greedy, seed, show_top, debug):
     """Continue a prompt with a trained model."""
+    if greedy and (top_k or top_p or seed is not None):
+        raise LmtrainError(
+            "--greedy takes the most likely word: --top-k, --top-p and --seed choose how to sample, "
+            "which --greedy does not"
+        )
     out = commands.generate(
         ckpt,
         prompt,

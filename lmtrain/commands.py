@@ -3,6 +3,7 @@ and prints what it returns.  These set up the process (the MPI world, threads), 
 checkpoints, build models and call the parts that do the work."""
 
 import glob
+import math
 import os
 import shlex
 import time
@@ -12,7 +13,7 @@ import numpy as np
 from lmtrain.build import build_model, model_from_checkpoint
 from lmtrain.checkpoint import load_checkpoint
 from lmtrain.config import load_config
-from lmtrain.errors import LmtrainError
+from lmtrain.errors import DataError, LmtrainError
 
 NO_OUTPUT = lambda *a, **k: None  # noqa: E731
 
@@ -41,23 +42,46 @@ def fit(config, overrides, run_dir, resume, overwrite, quiet, echo, err_echo):
 
     if resume and overwrite:
         raise LmtrainError("--resume and --overwrite contradict each other; choose one")
+    config, run_dir, resume = what_to_fit(config, overrides, run_dir, resume)
     world = start_world(err_echo)
     cfg = world.on_every_rank(lambda: load_config(config, overrides))
     set_threads(world, cfg)
     world.on_every_rank(lambda: path(cfg.train.kernels))  # a bad setting fails before any work
-    launcher = "mpiexec -n {} ".format(world.size) if world.size > 1 else ""
-    hint = " ".join(
-        [
-            f"{launcher}lmtrain fit",
-            shlex.quote(config),
-            *(f"--set {shlex.quote(o)}" for o in overrides),
-            *([f"--run-dir {shlex.quote(run_dir)}"] if run_dir else []),
-            "--resume",
-        ]
-    )
     run_dir = run_dir or os.path.join(cfg.output.dir, cfg.output.name)
+    launcher = f"mpiexec -n {world.size} " if world.size > 1 else ""
+    hint = f"{launcher}lmtrain fit --resume {shlex.quote(run_dir)}"
     run_fit(cfg, run_dir, overwrite=overwrite, resume=resume, quiet=quiet, echo=echo, resume_hint=hint, world=world)
     return world
+
+
+def what_to_fit(config, overrides, run_dir, resume):
+    """(config file, run directory or None, resume): CONFIG is a file or a preset's name; `--resume RUN_DIR`
+    (or CONFIG naming a run directory, with --resume) continues that run from its own config.yaml, with --set
+    only for the keys that may change on resume."""
+    from lmtrain.config import SAFE_TO_CHANGE_ON_RESUME, parse_override
+
+    directory = config if config and os.path.isdir(config) and resume else None
+    if config is None:
+        if not (resume and os.path.isdir(resume)):
+            raise LmtrainError(
+                "give a CONFIG (a file or a preset's name: lmtrain presets), or --resume RUN_DIR to continue a run"
+            )
+        directory, resume = resume, "last"
+    if directory is None:
+        return config, run_dir, resume
+    if not os.path.isfile(os.path.join(directory, "config.yaml")):
+        raise LmtrainError(f"{directory} is not a run directory (it has no config.yaml)")
+    if run_dir and os.path.abspath(run_dir) != os.path.abspath(directory):
+        raise LmtrainError(
+            f"--resume {directory} continues the run in that directory; --run-dir {run_dir} names another"
+        )
+    unsafe = [o for o in overrides if ".".join(parse_override(o)[0]) not in SAFE_TO_CHANGE_ON_RESUME]
+    if unsafe:
+        raise LmtrainError(
+            f"--set {unsafe[0]}: a run continues with its own config; only "
+            f"{', '.join(sorted(SAFE_TO_CHANGE_ON_RESUME))} may change"
+        )
+    return os.path.join(directory, "config.yaml"), directory, resume
 
 
 def load_for_eval(ckpt, log=print, dtype=None, kernels=None):
@@ -92,32 +116,31 @@ def dynamic_stats(loaded, model, cfg, corpus, log):
 
 
 def evaluate(ckpt, split, text_file, batch_size, cache, dynamic, log):
-    """`lmtrain eval`, as the JSON object it prints: the perplexity of plain evaluation, or with the cache or
-    dynamic evaluation {"results": {method: {ppl, loss, seconds, tokens}}}.  ``cache``: dict(window, theta,
-    lam) or None; ``dynamic``: dict(lr, decay, segment) or None."""
-    from lmtrain.data.corpus import encode_file
+    """`lmtrain eval`, as the JSON object it prints: the perplexity of plain evaluation (with bits per word and
+    the share of <unk>), or with the cache or dynamic evaluation {"results": {method: {ppl, loss, bits_per_word,
+    seconds, tokens}}}.  ``cache``: dict(window, theta, lam) or None; ``dynamic``: dict(lr, decay, segment) or
+    None."""
+    from lmtrain.data.corpus import unk_share
     from lmtrain.evaluation import evaluate as run_evaluate
 
+    if text_file and split:
+        raise LmtrainError(
+            "--split names a split of the checkpoint's corpus and --text a file to evaluate instead: give one of them"
+        )
     if (cache or dynamic) and batch_size not in (None, 1):
         raise LmtrainError("--cache and --dynamic read the split as one stream: --batch-size must be 1")
     loaded, model, vocab, cfg, corpus_of = load_for_eval(ckpt, log)
-    corpus = None
-    if text_file:
-        ids, source = encode_file(text_file, vocab), text_file
-        if len(ids) < 2:
-            raise LmtrainError(f"text file {text_file} has too few tokens to evaluate")
-    else:
-        corpus = corpus_of()
-        ids, source = corpus.split(split), split
+    ids, source, corpus = ids_to_evaluate(text_file, split or "test", vocab, cfg, corpus_of, log)
+    head = {"ckpt": ckpt, "split": source, "unk": unk_share(ids, vocab)}
     if not (cache or dynamic):
         batch_size = batch_size or cfg.train.eval_batch_size
         t0 = time.perf_counter()
         r = run_evaluate(model, ids, batch_size, cfg.train.bptt)
         return {
-            "ckpt": ckpt,
-            "split": source,
+            **head,
             "loss": r.loss,
             "ppl": r.ppl,
+            "bits_per_word": r.loss / math.log(2),
             "tokens": r.tokens,
             "batch_size": batch_size,
             "seconds": round(time.perf_counter() - t0, 2),
@@ -127,9 +150,10 @@ def evaluate(ckpt, split, text_file, batch_size, cache, dynamic, log):
     ms = dynamic_stats(loaded, model, cfg, corpus or corpus_of(), log) if dynamic else None
     window = dynamic["segment"] if dynamic else cfg.train.bptt
     results = adapt.run(model, ids, window, cache, dynamic, ms)
+    for r in results.values():
+        r["bits_per_word"] = r["loss"] / math.log(2)
     return {
-        "ckpt": ckpt,
-        "split": source,
+        **head,
         "tokens": results["base"]["tokens"],
         "batch_size": 1,
         "window": window,
@@ -137,6 +161,33 @@ def evaluate(ckpt, split, text_file, batch_size, cache, dynamic, log):
         "dynamic": dynamic,
         "results": results,
     }
+
+
+def ids_to_evaluate(text_file, split, vocab, cfg, corpus_of, log):
+    """(ids, what they are, the corpus or None): a text file read with the checkpoint's vocabulary, or a split
+    of the checkpoint's corpus.  Where the corpus cannot be rebuilt (its training files moved) but the split's
+    own files are there, those are read with the checkpoint's vocabulary, which is what a model needs."""
+    from lmtrain.data.corpus import encode_file
+
+    if text_file:  # every token of the file scored: the first after an <eos>, as every line's first word is
+        words = encode_file(text_file, vocab)
+        if len(words) < 1:
+            raise LmtrainError(f"text file {text_file} has no tokens to evaluate")
+        return np.concatenate([np.array([vocab.eos_id], words.dtype), words]), text_file, None
+    try:
+        corpus = corpus_of()
+    except DataError as err:
+        d = cfg.data
+        paths = getattr(d, split) if d.source == "text" else None
+        paths = [paths] if isinstance(paths, str) else paths
+        if not paths or not all(os.path.isfile(p) for p in paths):
+            raise
+        log(
+            f"note: {str(err).splitlines()[0]}; the {split} split is read from {', '.join(paths)} with the "
+            f"checkpoint's vocabulary"
+        )
+        return np.concatenate([encode_file(p, vocab) for p in paths]), split, None
+    return corpus.split(split), split, corpus
 
 
 def tune(ckpt, method, tokens, dyn_segment, log):
@@ -270,13 +321,46 @@ def probe_gradflow(ckpts, configs, init_only, overrides, seeds, steps, batches, 
     return results, rates, seed_summary(rates, cfgs, lambda r: list(r.values()))
 
 
-def latest_checkpoint(root="runs"):
+def read_lines(source):
+    """The lines of a file, or of standard input for "-": UTF-8, without their line ends."""
+    import sys
+
+    if source == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        from lmtrain.errors import require_file
+
+        with open(require_file(source, "file to score", DataError), "rb") as fh:
+            data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{'standard input' if source == '-' else source} is not UTF-8 text (bad byte on line {line})"
+        ) from None
+    return text.splitlines()
+
+
+def score(ckpt, source, mode, batch_size):
+    """`lmtrain score`: (the scored lines of lmtrain/scoring.py, the checkpoint's vocabulary)."""
+    from lmtrain.scoring import score as run_score
+
+    model, vocab, cfg = model_from_checkpoint(load_checkpoint(ckpt))
+    lines = read_lines(source)
+    return run_score(model, vocab, lines, mode, batch_size, cfg.train.bptt), vocab
+
+
+def latest_checkpoint(say, root="runs"):
+    """The best checkpoint of the most recent run under ``root`` (``say`` names it)."""
     found = glob.glob(os.path.join(root, "*", "checkpoints", "best.npz"))
     if not found:
         raise LmtrainError(
             f"no --ckpt given and no checkpoint under {root}/; train one with 'lmtrain fit CONFIG' or pass --ckpt PATH"
         )
-    return max(found, key=os.path.getmtime)
+    path = max(found, key=os.path.getmtime)
+    say(f"using {path}")
+    return path
 
 
 def generate(ckpt, prompt, say, **options):
@@ -288,8 +372,7 @@ def generate(ckpt, prompt, say, **options):
     if not prompt.strip():
         raise LmtrainError('the prompt is empty; give at least one word, e.g. --prompt "the market"')
     if ckpt is None:
-        ckpt = latest_checkpoint()
-        say(f"using {ckpt}")
+        ckpt = latest_checkpoint(say)
     model, vocab, _ = model_from_checkpoint(load_checkpoint(ckpt), kernels="auto")
     out = run_generate(model, vocab, prompt, **options)
     return dict(out, text=render(out["prompt_tokens"] + out["continuation"]))

@@ -19,6 +19,7 @@ import yaml
 
 from lmtrain.data.sources import SOURCE_DEFAULTS
 from lmtrain.errors import ConfigError, require_file
+from lmtrain.preset import path_of as preset_path
 
 
 def option(default, help, *, choices=None, min=None, max=None, min_exclusive=False):
@@ -70,6 +71,27 @@ class DataConfig:
     )
     valid: typing.Union[str, typing.List[str], None] = option(None, "text: validation text, as data.train")
     test: typing.Union[str, typing.List[str], None] = option(None, "text: test text, as data.train")
+    split: typing.List[float] = option(
+        [0.9, 0.05, 0.05],
+        "text, with data.train alone: the fractions of its lines "
+        "that become train, valid and test, in that order (the first lines train, "
+        "the last ones test)",
+        min=0.0,
+        min_exclusive=True,
+    )
+    tokenizer: str = option(
+        "whitespace",
+        "how text becomes tokens: whitespace (tokens are what spaces separate, "
+        "the format of PTB and WikiText) or words (punctuation split from words, in any script; "
+        "for raw text: docs/your-own-text.md); prompts and scored text are read the same way",
+        choices=["whitespace", "words"],
+    )
+    normalize: typing.Optional[str] = option(
+        None,
+        "Unicode normalisation before tokenizing: null, NFC or NFKC "
+        "(NFKC also folds compatibility forms: full-width letters, ligatures)",
+        choices=["NFC", "NFKC"],
+    )
     lowercase: bool = option(False, "lowercase every token (prompts are lowercased the same way)")
     min_freq: int = option(1, "words seen fewer times in training become <unk>", min=1)
     max_size: typing.Optional[int] = option(None, "keep only the most frequent words (specials included)", min=3)
@@ -538,9 +560,18 @@ def validate(cfg, source=""):
             f"or ntasgd and train.momentum 0"
         )
     if d.source == "text":
-        missing = [k for k in ("train", "valid", "test") if getattr(d, k) is None]
-        if missing:
-            raise ConfigError(f"{source}data.source 'text' needs data.{missing[0]} (a file path)")
+        if d.train is None:
+            raise ConfigError(f"{source}data.source 'text' needs data.train (a file, a directory or a list)")
+        if (d.valid is None) != (d.test is None):
+            given, missing = ("valid", "test") if d.test is None else ("test", "valid")
+            raise ConfigError(
+                f"{source}data.{given} is set but data.{missing} is not: give both, or neither to "
+                f"split data.train by lines (data.split)"
+            )
+    if len(d.split) != 3 or abs(sum(d.split) - 1.0) > 1e-9:
+        raise ConfigError(
+            f"{source}data.split must be three fractions (train, valid, test) that add up to 1, got {shown(d.split)}"
+        )
     if m.softmax == "adaptive":
         c = m.adaptive_cutoffs
         if not c:
@@ -632,6 +663,18 @@ def read_yaml(path):
     """Read a YAML mapping, turning every failure into a one-line ConfigError."""
     path = require_file(path, "config file", ConfigError)
     try:
+        return _read_mapping(path)
+    except ConfigError as err:
+        if path.endswith((".yaml", ".yml")):
+            raise
+        # most often a text file given where the config goes: say how to train on one
+        raise ConfigError(
+            f"{err} ({path} is not a config; to train on a text file: lmtrain fit own-text --set data.train={path})"
+        ) from None
+
+
+def _read_mapping(path):
+    try:
         with open(path, encoding="utf-8") as fh:
             raw = load_yaml(fh)
     except UnicodeDecodeError:
@@ -689,7 +732,9 @@ def apply_overrides(raw, overrides):
 
 
 def load_config(path, overrides=()):
-    """The validated Config of a YAML file with --set overrides applied."""
+    """The validated Config of a YAML file (or of the preset of that name: lmtrain/preset.py) with --set
+    overrides applied."""
+    path = preset_path(os.fspath(path))
     raw = read_yaml(path)
     raw = apply_overrides(raw, overrides)
     cfg = from_dict(raw, source=f"{path}: ")
@@ -720,7 +765,8 @@ def reference_table():
                     + ([f"≤ {m['max']}"] if m.get("max") is not None else [])
                 )
             )
-            default = yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix("\n...").strip()
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
             yield f"| `{prefix}{f.name}` | `{default}` | {allowed} | {m['help']} |"
 
     return "\n".join(["| key | default | allowed | meaning |", "|---|---|---|---|", *walk(Config)])

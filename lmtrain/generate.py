@@ -11,7 +11,7 @@ MAX_PROMPT_TOKENS = 20_000
 
 def encode_prompt(vocab, prompt):
     """(tokens, ids, unknown tokens), tokenized exactly as the training data was."""
-    tokens = [vocab.normalize(t) for t in prompt.split()]
+    tokens = vocab.reading.words(prompt)
     if not tokens:
         raise LmtrainError('the prompt is empty; give at least one word, e.g. --prompt "the market"')
     if len(tokens) > MAX_PROMPT_TOKENS:

@@ -6,13 +6,13 @@ import pytest
 
 from lmtrain.bench import flops
 from lmtrain.config import ModelConfig
-from lmtrain.nn.model import LanguageModel
+from lmtrain.nn.model import LanguageModel, products
 
 
 def training_products(cfg, V, B, T, backward=True, tail_rows=None):
     """Every matrix product of a training window, as the model's layers report them (``lmtrain bench``'s
     list), of a model built at float32 on the numpy reference."""
-    return LanguageModel(cfg, V).products(B, T, backward, tail_rows)
+    return products(LanguageModel(cfg, V), B, T, backward, tail_rows)
 
 
 def test_flop_counts_match_the_published_figures():

@@ -72,16 +72,16 @@ def test_eval_on_a_text_file(trained, tmp_path):
             "eval", "--ckpt", run / "checkpoints" / "best.npz", "--text", tmp_path / "mine.txt", "--json", check=0
         ).stdout
     )
-    assert out["tokens"] == 7 - 1
-    # the same six targets scored one token at a time, each of eval's three streams from a zero state
+    assert out["tokens"] == 7  # every token of the file, the first after an <eos>
+    # the same seven targets scored one token at a time, each of eval's three streams from a zero state
     from lmtrain.build import model_from_checkpoint
     from lmtrain.checkpoint import load_checkpoint
     from lmtrain.evaluation import feed
 
     model, vocab, _ = model_from_checkpoint(load_checkpoint(run / "checkpoints" / "best.npz"))
-    ids = vocab.encode("tom said hi to mary . <eos>".split())
+    ids = vocab.encode("<eos> tom said hi to mary . <eos>".split())
     nll = []
-    for stream in (ids[0:3], ids[2:5], ids[4:7]):
+    for stream in (ids[0:4], ids[3:7], ids[6:8]):
         state = model.init_state(1)
         for prev, target in zip(stream[:-1], stream[1:]):
             scores, state = feed(model, [prev], state)

@@ -6,14 +6,10 @@ import pytest
 from lmtrain.config import SyntheticConfig
 from lmtrain.data import synthetic
 from lmtrain.data.batching import batchify, eval_streams, get_batch, window_starts
-from lmtrain.data.corpus import build_corpus, read_tokens, tokenize
+from lmtrain.data.corpus import build_corpus, read_tokens
 from lmtrain.data.prepare import prepare_corpus
 from lmtrain.data.vocab import EOS, UNK, Vocab
 from lmtrain.errors import DataError
-
-
-def test_tokenize_turns_line_ends_into_eos():
-    assert tokenize(" a b \n c\n\nD \n", lowercase=True) == ["a", "b", EOS, "c", EOS, EOS, "d", EOS]
 
 
 def test_vocab_min_freq_max_size_and_stable_order():

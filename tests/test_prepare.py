@@ -13,6 +13,7 @@ from lmtrain.data import prepare
 from lmtrain.data.corpus import id_dtype, read_tokens
 from lmtrain.data.download import sha256_file
 from lmtrain.data.prepare import open_prepared, prepare_corpus
+from lmtrain.data.tokenize import Reading
 from lmtrain.data.vocab import EOS, Vocab
 from lmtrain.errors import DataError
 from tests.bad_inputs import run_main
@@ -95,12 +96,13 @@ def test_the_key_follows_content_and_vocabulary_settings(tmp_path):
     files = write_splits(tmp_path / "txt")
     cache = str(tmp_path / "cache")
     prepare_corpus(files, cache, log=lambda *a: None)
-    prepare_corpus(files, cache, lowercase=True, log=lambda *a: None)
+    prepare_corpus(files, cache, reading=Reading(lowercase=True), log=lambda *a: None)
+    prepare_corpus(files, cache, reading=Reading(tokenizer="words"), log=lambda *a: None)
     prepare_corpus(files, cache, min_freq=2, log=lambda *a: None)
     with open(files["train"][0], "a") as fh:
         fh.write("other words\n")
     assert "other" in prepare_corpus(files, cache, log=lambda *a: None).vocab.index
-    assert len(list((tmp_path / "cache").glob("tokens-*"))) == 4
+    assert len(list((tmp_path / "cache").glob("tokens-*"))) == 5
 
 
 def old_npz_key(files, min_freq=1, max_size=None, lowercase=False):
@@ -178,7 +180,7 @@ def test_the_temporary_directory_of_a_killed_prepare_is_removed(tmp_path):
 
     files = write_splits(tmp_path / "txt")
     cache = tmp_path / "cache"
-    key = prepare.cache_key(files, 1, None, False)
+    key = prepare.cache_key(files, 1, None, Reading())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = cache / f".tmp-{key[:24]}-{int(dead.stdout)}"
     stale.mkdir(parents=True)
@@ -260,7 +262,7 @@ def test_lmtrain_prepare_prints_tokens_per_second_then_reuses(tmp_path):
         fh.write("data: {source: text, train: corpus/train.txt, valid: corpus/valid.txt, test: corpus/test.txt}\n")
     code, out, err = run_main(["prepare", "t.yaml"])
     assert code == 0, err
-    assert "tokens/s" in out and "vocabulary 6 words; tokens: train 7, valid 3, test 3" in out
+    assert "tokens/s" in out and "vocabulary 6 words; tokens: train 7 (0.0% <unk>), valid 3 (" in out
     code, out, err = run_main(["prepare", "t.yaml"])
     assert code == 0 and "tokens/s" not in out and "prepared corpus: data/cache/tokens-" in out
     code, out, err = run_main(

@@ -178,6 +178,7 @@ def test_plot_overlays_runs_and_works_without_matplotlib(small_run, tmp_path, mo
     from tests.bad_inputs import run_main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    code, out, _ = run_main(["plot", str(run), "--out", str(tmp_path / "none.png")])
-    assert code == 0 and "pip install -e '.[plot]'" in out and "valid points" in out
+    code, out, err = run_main(["plot", str(run), "--out", str(tmp_path / "none.png")])
+    assert code == 2 and "valid points" in out  # the figures, and an error: the plot asked for is not there
+    assert err.startswith("error: no plot written") and "pip install" in err
     assert not (tmp_path / "none.png").exists()

@@ -11,7 +11,7 @@ from itertools import repeat
 
 import numpy as np
 
-from lmtrain.data.tokenize import tokenize as split_text
+from lmtrain.data.tokenize import Reading
 from lmtrain.data.vocab import EOS, Vocab
 from lmtrain.errors import DataError, require_file
 
@@ -74,30 +74,25 @@ def _decode(block, path, what, first_line):
         raise DataError(f"{what} {path} is not UTF-8 text (bad byte on line {line}, column {column})") from None
 
 
-def block_tokens(text, lowercase=False):
+def block_tokens(text, reading=Reading()):
     """Whitespace-separated tokens of whole lines, with ``<eos>`` at every line end (lmtrain/data/tokenize.py:
     byte-order marks removed, "\r\n" and a lone "\r" read as line ends).
 
     A last line without a line end still ends in ``<eos>``: a file is a
     sequence of lines, whether or not its last one is terminated.
     """
-    return split_text(text, "whitespace", lowercase)
+    return reading.tokens(text)
 
 
-def file_tokens(path, what="corpus file", lowercase=False):
+def file_tokens(path, what="corpus file", reading=Reading()):
     """Yield the tokens of a file, block by block (lists of strings)."""
     for text, _ in read_blocks(path, what):
-        yield block_tokens(text, lowercase)
+        yield block_tokens(text, reading)
 
 
-def read_tokens(path, what="corpus file", lowercase=False):
+def read_tokens(path, what="corpus file", reading=Reading()):
     """All tokens of a file as one list (small files: a prompt file, a test fixture)."""
-    return [t for block in file_tokens(path, what, lowercase) for t in block]
-
-
-def tokenize(text, lowercase=False):
-    """Whitespace-separated tokens with ``<eos>`` at every line end (\\n)."""
-    return block_tokens(text, lowercase)
+    return [t for block in file_tokens(path, what, reading) for t in block]
 
 
 def encode_blocks(blocks, vocab, dtype):
@@ -110,7 +105,7 @@ def encode_blocks(blocks, vocab, dtype):
 def encode_file(path, vocab, what="text file"):
     """The ids of a whole file (as ``lmtrain eval --text`` reads it), without a list of its tokens."""
     dtype = id_dtype(len(vocab))
-    parts = list(encode_blocks(file_tokens(path, what, vocab.lowercase), vocab, dtype))
+    parts = list(encode_blocks(file_tokens(path, what, vocab.reading), vocab, dtype))
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
@@ -131,8 +126,35 @@ class Corpus:
         return getattr(self, name)
 
     def describe(self):
-        return (f"vocabulary {len(self.vocab):,} words; tokens: train {len(self.train):,}, "
-                f"valid {len(self.valid):,}, test {len(self.test):,}")
+        """A line on the vocabulary and each split's tokens, with the share that became <unk>; and, when that
+        share is high, a second line on how to lower it."""
+        shares = {s: unk_share(self.split(s), self.vocab) for s in SPLITS}
+        line = (f"vocabulary {len(self.vocab):,} words; tokens: "
+                + ", ".join(f"{s} {len(self.split(s)):,} ({100 * shares[s]:.1f}% <unk>)" for s in SPLITS))
+        worst = max(("valid", "test"), key=shares.get)
+        return line + unk_advice(shares[worst], {"valid": "validation", "test": "test"}[worst], self.vocab)
+
+
+UNK_HIGH = 0.05  # beyond this share of <unk> a word-level model is scored on <unk> more than on words
+
+
+def unk_share(ids, vocab):
+    """The share of ``ids`` that are <unk>."""
+    return float(np.count_nonzero(np.asarray(ids) == vocab.unk_id)) / max(len(ids), 1)
+
+
+def unk_advice(share, what, vocab=None):
+    """A note when ``share`` of ``what`` is <unk>: its perplexity then says little about the words.  With the
+    ``vocab``, the note leaves out the settings it already has."""
+    if share <= UNK_HIGH:
+        return ""
+    ways = ["keep rarer words (a lower data.min_freq, a larger data.max_size)"]
+    if vocab is None or vocab.reading.tokenizer != "words":
+        ways.append("split punctuation from words (data.tokenizer: words)")
+    if vocab is None or not vocab.lowercase:
+        ways.append("fold case (data.lowercase: true)")
+    return (f"\nnote: {100 * share:.1f}% of the {what} tokens are <unk> (words the vocabulary lacks); to lower it, "
+            + ", ".join(ways[:-1]) + (" or " if len(ways) > 1 else "") + ways[-1])
 
 
 def check_has_tokens(split, name, has_words):
@@ -140,13 +162,12 @@ def check_has_tokens(split, name, has_words):
         raise DataError(f"the {split} split ({name}) has no tokens")
 
 
-def build_corpus(split_tokens, min_freq=1, max_size=None, lowercase=False, names=None):
+def build_corpus(split_tokens, min_freq=1, max_size=None, reading=Reading(), names=None):
     """A Corpus from token lists held in memory (the built-in stories): the vocabulary from the
     training tokens, then every split encoded."""
     names = names or {s: s for s in SPLITS}
     for split in SPLITS:
         check_has_tokens(split, names[split], any(t != EOS for t in split_tokens[split]))
-    vocab = Vocab.build(Counter(split_tokens["train"]), min_freq=min_freq, max_size=max_size,
-                        lowercase=lowercase)
+    vocab = Vocab.build(Counter(split_tokens["train"]), min_freq=min_freq, max_size=max_size, reading=reading)
     dtype = id_dtype(len(vocab))
     return Corpus(vocab, *(next(encode_blocks([split_tokens[s]], vocab, dtype)) for s in SPLITS))

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from lmtrain.data.corpus import SPLITS, Corpus, block_tokens, check_has_tokens, encode_blocks, id_dtype, read_blocks
 from lmtrain.data.download import sha256_file
+from lmtrain.data.tokenize import Reading
 from lmtrain.data.vocab import EOS, Vocab
 from lmtrain.errors import DataError, require_file
 
@@ -42,11 +43,16 @@ PROGRESS_BYTES = 32 << 20  # inputs at least this large get a progress bar
 HASH_IDS = 1 << 24  # ids hashed at a time when a prepared corpus is opened
 
 
-def cache_key(files, min_freq, max_size, lowercase):
+def reading_of(reading):
+    """The reading's settings as the key and meta.json record them."""
+    return {"tokenizer": reading.tokenizer, "lowercase": reading.lowercase, "normalize": reading.normalize}
+
+
+def cache_key(files, min_freq, max_size, reading):
     """The content key of a prepared corpus: ``files`` is {split: [path, ...]}."""
     sums = {s: [sha256_file(require_file(p, f"{s} file", DataError)) for p in files[s]] for s in SPLITS}
     text = json.dumps({"format": FORMAT_VERSION, "min_freq": min_freq, "max_size": max_size,
-                       "lowercase": bool(lowercase), "files": sums}, sort_keys=True)
+                       **reading_of(reading), "files": sums}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -54,10 +60,10 @@ def cache_dir_for(cache_root, key):
     return os.path.join(cache_root, f"tokens-{key[:24]}")
 
 
-def prepare_corpus(files, cache_root, min_freq=1, max_size=None, lowercase=False, log=print):
+def prepare_corpus(files, cache_root, min_freq=1, max_size=None, reading=Reading(), log=print):
     """The Corpus of ``files`` ({split: [path, ...]}), memory-mapped from its cache, preparing it first
     when the cache lacks it or holds an unreadable copy."""
-    key = cache_key(files, min_freq, max_size, lowercase)
+    key = cache_key(files, min_freq, max_size, reading)
     final = cache_dir_for(cache_root, key)
     if os.path.isdir(final):
         try:
@@ -73,7 +79,7 @@ def prepare_corpus(files, cache_root, min_freq=1, max_size=None, lowercase=False
     except OSError as err:
         raise DataError(f"cannot create the corpus cache {tmp}: {err.strerror}") from None
     try:
-        write_prepared(tmp, files, key, min_freq, max_size, lowercase, log)
+        write_prepared(tmp, files, key, min_freq, max_size, reading, log)
         _move_into_place(tmp, final)
     except OSError as err:  # the inputs' read errors are DataErrors already: this is the cache's disk
         raise DataError(f"cannot write the corpus cache {tmp}: {err.strerror}") from None
@@ -87,7 +93,7 @@ def prepare_corpus(files, cache_root, min_freq=1, max_size=None, lowercase=False
     return open_prepared(final, key)
 
 
-def write_prepared(out, files, key, min_freq, max_size, lowercase, log=print):
+def write_prepared(out, files, key, min_freq, max_size, reading, log=print):
     """Tokenise ``files`` into the directory ``out`` (the two passes); returns the meta dict written."""
     total_bytes = sum(os.path.getsize(p) for s in SPLITS for p in files[s])
     start = time.perf_counter()
@@ -96,7 +102,7 @@ def write_prepared(out, files, key, min_freq, max_size, lowercase, log=print):
         counts, n_tokens = Counter(), {}
         for split in SPLITS:  # pass 1: count
             n, has_words = 0, False
-            for tokens in _blocks(files[split], split, lowercase, bar):
+            for tokens in _blocks(files[split], split, reading, bar):
                 n += len(tokens)
                 has_words = has_words or tokens.count(EOS) < len(tokens)
                 if split == "train":
@@ -104,17 +110,17 @@ def write_prepared(out, files, key, min_freq, max_size, lowercase, log=print):
             named = files[split][:3] + ([f"{len(files[split]) - 3} more"] if len(files[split]) > 3 else [])
             check_has_tokens(split, ", ".join(named), has_words)
             n_tokens[split] = n
-        vocab = Vocab.build(counts, min_freq=min_freq, max_size=max_size, lowercase=lowercase)
+        vocab = Vocab.build(counts, min_freq=min_freq, max_size=max_size, reading=reading)
         del counts
         dtype = id_dtype(len(vocab))
         checks = {split: _write_ids(os.path.join(out, f"{split}.npy"), split, files[split], vocab, dtype,
-                                    n_tokens[split], lowercase, bar) for split in SPLITS}  # pass 2: encode
+                                    n_tokens[split], reading, bar) for split in SPLITS}  # pass 2: encode
     seconds = time.perf_counter() - start
     total = sum(n_tokens.values())
     log(f"tokenised {total:,} tokens ({', '.join(f'{s} {n_tokens[s]:,}' for s in SPLITS)}; vocabulary "
         f"{len(vocab):,} words, ids {dtype.name}) in {seconds:.1f} s: {total / max(seconds, 1e-9):,.0f} tokens/s")
     meta = {"format": FORMAT_VERSION, "key": key, "dtype": dtype.name, "vocab_size": len(vocab),
-            "tokens": n_tokens, "min_freq": min_freq, "max_size": max_size, "lowercase": bool(lowercase),
+            "tokens": n_tokens, "min_freq": min_freq, "max_size": max_size, **reading_of(reading),
             "files": {s: [os.path.abspath(p) for p in files[s]] for s in SPLITS}, "seconds": round(seconds, 3),
             "checks": checks}
     text = json.dumps(vocab.to_dict(), ensure_ascii=False).encode()
@@ -128,14 +134,14 @@ def write_prepared(out, files, key, min_freq, max_size, lowercase, log=print):
     return meta
 
 
-def _blocks(paths, split, lowercase, bar):
+def _blocks(paths, split, reading, bar):
     for path in paths:
         for text, nbytes in read_blocks(path, f"{split} file"):
             bar.update(nbytes)
-            yield block_tokens(text, lowercase)
+            yield block_tokens(text, reading)
 
 
-def _write_ids(path, split, paths, vocab, dtype, n, lowercase, bar):
+def _write_ids(path, split, paths, vocab, dtype, n, reading, bar):
     """Stream the ids of ``paths`` into an .npy file of ``n`` ids of ``dtype``; returns what verifies them
     when they are read back: the SHA-256 of the ids' bytes and the largest id."""
     digest, largest = hashlib.sha256(), -1
@@ -143,7 +149,7 @@ def _write_ids(path, split, paths, vocab, dtype, n, lowercase, bar):
         np.lib.format.write_array_header_1_0(
             fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
         written = 0
-        for ids in encode_blocks(_blocks(paths, split, lowercase, bar), vocab, dtype):
+        for ids in encode_blocks(_blocks(paths, split, reading, bar), vocab, dtype):
             written += len(ids)
             if written > n:
                 break
@@ -237,12 +243,12 @@ def _alive(pid):
     return True
 
 
-def load_in_memory(files, min_freq=1, max_size=None, lowercase=False, log=print):
+def load_in_memory(files, min_freq=1, max_size=None, reading=Reading(), log=print):
     """The Corpus of ``files`` without a cache (data.cache: false): prepared in a temporary directory and
     read into memory."""
     import tempfile
     with tempfile.TemporaryDirectory(prefix="lmtrain-prepare-") as tmp:
-        write_prepared(tmp, files, None, min_freq, max_size, lowercase, log)
+        write_prepared(tmp, files, None, min_freq, max_size, reading, log)
         mapped = open_prepared(tmp)
         corpus = Corpus(mapped.vocab, *(np.array(mapped.split(s)) for s in SPLITS))
         del mapped  # no mapping may outlive the files (Windows cannot delete a mapped file)

@@ -1,10 +1,15 @@
 """Where corpora come from: the Penn Treebank and WikiText (found or downloaded), a user's files, or the
 built-in stories; and the one function that turns a data section into a Corpus."""
+import hashlib
+import itertools
+import json
 import os
+import shutil
 from dataclasses import dataclass
 
 from lmtrain.data import synthetic
-from lmtrain.data.corpus import SPLITS, build_corpus, tokenize
+from lmtrain.data.corpus import SPLITS, build_corpus
+from lmtrain.data.tokenize import Reading
 from lmtrain.data.download import download, sha1_file, sha256_file, unpack
 from lmtrain.data.prepare import load_in_memory, prepare_corpus
 from lmtrain.errors import DataError, require_file
@@ -157,6 +162,71 @@ def text_files(spec, split):
     return out
 
 
+def split_lines(paths, fractions, cache_root, log=print):
+    """{split: [path]}: the lines of ``paths`` (in order) cut into train, valid and test by ``fractions``, the
+    first lines to train and the last to test, written once under ``cache_root`` (keyed by the files' content
+    and the fractions, so the same text always gives the same splits) and printed."""
+    sums = [sha256_file(p) for p in paths]
+    key = hashlib.sha256(json.dumps({"files": sums, "split": list(fractions)}).encode()).hexdigest()
+    out = os.path.join(cache_root, f"split-{key[:24]}")
+    names = {s: os.path.join(out, f"{s}.txt") for s in SPLITS}
+    try:
+        with open(os.path.join(out, "done"), encoding="utf-8") as fh:
+            counts = json.load(fh)["lines"]
+    except (OSError, ValueError, KeyError, TypeError):
+        counts = _write_splits(paths, fractions, out, names)
+    log(f"data.train split by lines (data.split {list(fractions)}): train {counts[0]:,}, valid {counts[1]:,}, "
+        f"test {counts[2]:,} lines, in {out}")
+    return {s: [p] for s, p in names.items()}
+
+
+def _write_splits(paths, fractions, out, names):
+    """Write the three splits into a temporary directory renamed to ``out`` when complete; their line counts."""
+    lines = 0
+    for path in paths:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                lines += block.count(b"\n")
+            lines += bool(os.path.getsize(path)) and not _ends_with_newline(path)
+    train = int(lines * fractions[0])
+    valid = int(lines * fractions[1])
+    counts = (train, valid, lines - train - valid)
+    if min(counts) < 1:
+        raise DataError(f"data.train has {lines:,} lines, too few to split into train, valid and test by "
+                        f"data.split {list(fractions)}; give more text, or data.valid and data.test")
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        bounds = iter(zip(SPLITS, itertools.accumulate(counts)))
+        split, end = next(bounds)
+        dest, n = open(os.path.join(tmp, f"{split}.txt"), "wb"), 0
+        for path in paths:
+            with open(path, "rb") as fh:
+                for line in fh:
+                    if n == end:
+                        dest.close()
+                        split, end = next(bounds)
+                        dest = open(os.path.join(tmp, f"{split}.txt"), "wb")
+                    dest.write(line if line.endswith(b"\n") else line + b"\n")
+                    n += 1
+        dest.close()
+        with open(os.path.join(tmp, "done"), "w", encoding="utf-8") as fh:
+            json.dump({"lines": counts}, fh)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise DataError(f"cannot write the split of data.train into {tmp}: {err.strerror}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return counts
+
+
+def _ends_with_newline(path):
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
 def corpus_files(data_cfg, log=print):
     """{split: [path, ...]}: the files a data section names, downloaded first where needed."""
     d = data_cfg
@@ -164,6 +234,8 @@ def corpus_files(data_cfg, log=print):
         return {s: [p] for s, p in ensure_ptb(d.root, d.download, d.url, log=log).items()}
     if d.source in RELEASES:
         return {s: [p] for s, p in ensure_wikitext(d.source, d.root, d.download, d.url, log=log).items()}
+    if d.source == "text" and d.valid is None:
+        return split_lines(text_files(d.train, "train"), d.split, CACHE_DIR, log)
     if d.source == "text":
         return {s: text_files(getattr(d, s), s) for s in SPLITS}
     raise DataError(f"data.source {d.source} has no files (it is generated)")
@@ -173,10 +245,11 @@ def load_corpus(data_cfg, log=print):
     """The Corpus a data section describes: prepared once into the cache and memory-mapped (ptb, wikitext-*,
     text), or generated in memory (synthetic)."""
     d = data_cfg
-    kwargs = dict(min_freq=d.min_freq, max_size=d.max_size, lowercase=d.lowercase)
+    reading = Reading(d.tokenizer, d.lowercase, d.normalize)
+    kwargs = dict(min_freq=d.min_freq, max_size=d.max_size, reading=reading)
     if d.source == "synthetic":  # generated in memory: small, and its ids must stay what they always were
         texts = {s: synthetic.generate_text(d.synthetic, s) for s in SPLITS}
-        return build_corpus({s: tokenize(texts[s], d.lowercase) for s in SPLITS},
+        return build_corpus({s: reading.tokens(texts[s]) for s in SPLITS},
                             names={s: f"synthetic {s}" for s in SPLITS}, **kwargs)
     files = corpus_files(d, log)
     if d.cache:
@@ -186,7 +259,7 @@ def load_corpus(data_cfg, log=print):
     rel = RELEASES.get(d.source)
     counts = tuple(len(corpus.split(s)) for s in SPLITS)
     if rel is not None and (counts, len(corpus.vocab)) != (rel.tokens, rel.vocab) and (
-            d.min_freq, d.max_size, d.lowercase) == (1, None, False):
+            d.min_freq, d.max_size, reading) == (1, None, Reading()):
         log(f"warning: {d.root} gives {counts[0]:,} / {counts[1]:,} / {counts[2]:,} tokens and "
             f"{len(corpus.vocab):,} words, not {rel.title}'s published {rel.tokens[0]:,} / {rel.tokens[1]:,} / "
             f"{rel.tokens[2]:,} and {rel.vocab:,}: its files are not the standard release, and results on them "

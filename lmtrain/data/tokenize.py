@@ -24,8 +24,11 @@ import itertools
 import re
 import unicodedata
 
-from lmtrain.data.vocab import EOS
+from dataclasses import dataclass
+from typing import Optional
 
+UNK = "<unk>"
+EOS = "<eos>"
 TOKENIZERS = ("whitespace", "words")
 NORMALIZATIONS = (None, "NFC", "NFKC")
 
@@ -61,6 +64,32 @@ def tokenize(text, tokenizer="whitespace", lowercase=False, normalize=None):
     if text and not text.endswith("\n"):
         tokens.append(EOS)
     return tokens
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How text becomes tokens (data.tokenizer, data.normalize, data.lowercase).  It belongs to a vocabulary:
+    a model's prompts, scored text and evaluated files are read the way its training text was."""
+
+    tokenizer: str = "whitespace"
+    lowercase: bool = False
+    normalize: Optional[str] = None
+
+    def tokens(self, text):
+        """The tokens of whole lines of text, ``<eos>`` at every line end (``tokenize``)."""
+        return tokenize(text, self.tokenizer, self.lowercase, self.normalize)
+
+    def words(self, text):
+        """The tokens of a text that is not a file's lines (a prompt, a sentence): without the ``<eos>`` its
+        end gets; a line break inside it is still an ``<eos>``."""
+        tokens = self.tokens(text.rstrip("\r\n"))
+        return tokens[:-1] if tokens and tokens[-1] == EOS else tokens
+
+    def token(self, token):
+        """One token as the vocabulary holds it (normalised, lowercased)."""
+        if self.normalize:
+            token = unicodedata.normalize(self.normalize, token)
+        return token.lower() if self.lowercase else token
 
 
 def _words(text):

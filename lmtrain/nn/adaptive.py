@@ -128,6 +128,14 @@ class AdaptiveSoftmax:
         self.count = max(count, 1.0)
         return Loss(loss_sum / self.count, loss_sum, count)
 
+    def row_nll(self):
+        """-log p(target) of each row of the last forward: the head's, plus for a tail word its cluster's."""
+        nll = self.head_loss.row_nll().astype(xp.float64)
+        for rows, loss in zip(self.rows, self.tail_losses):
+            if len(rows):
+                nll[rows] += loss.row_nll()
+        return nll
+
     def backward(self):
         """Writes the gradients of every parameter; returns d loss / d h (N, d), a new array."""
         dh = self.head.backward(self.head_loss.backward())  # ds -> dA, dh = ds A[:d]^T

@@ -264,8 +264,9 @@ class SoftmaxCrossEntropy:
         return max(float(N) if w is None else float(w.sum(dtype=np.float64)), 1.0)
 
     def sum_up(self, nll, weights, divisor):
-        """The ``Loss`` of the rows' NLLs; keeps the weights and the divisor for backward."""
+        """The ``Loss`` of the rows' NLLs; keeps the weights and the divisor for backward, and the NLLs."""
         N = len(nll)
+        self.nll = nll
         if weights is None:
             self.weights = None
             total, count = float(nll.sum(dtype=np.float64)), float(N)
@@ -276,6 +277,10 @@ class SoftmaxCrossEntropy:
             total = float((nll * w).sum(dtype=np.float64))
         self.count = self.divisor_of(self.weights, divisor, N)
         return Loss(total / self.count, total, count)
+
+    def row_nll(self):
+        """-log p(target) of each row of the last forward (unweighted): what scoring text reads."""
+        return self.nll
 
     def backward(self):
         """d loss / d logits = (softmax - onehot) * w / count, written over the kept exp buffer."""

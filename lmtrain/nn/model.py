@@ -219,6 +219,10 @@ class LanguageModel:
         mean, total, count = self.loss_layer.forward(out, targets, weights, grad=grad)
         return ModelLoss(mean, total, count, mean + self.reg_loss)
 
+    def row_nll(self):
+        """-log p(target) of each target of the last ``loss`` (in the order of ``forward``'s rows, time-major)."""
+        return self.loss_layer.row_nll()
+
     def backward(self, dstate=None, step_hooks=None):
         """Gradients of the objective (NLL, plus AR/TAR when training) into ``grads``.
 
@@ -251,15 +255,16 @@ class LanguageModel:
         for layer in [*self.dropouts, *self.rnns, self.embedding]:
             layer.frozen = frozen
 
-    def products(self, rows, steps, backward=True, tail_rows=None):
-        """(name, m, k, n, count): every matrix product of one window of ``steps`` steps over ``rows``
-        streams, as each layer reports it; with ``backward=False`` only the forward pass's (what
-        evaluation runs).  Under the adaptive softmax ``tail_rows`` gives the rows (targets) each tail
-        cluster receives per window."""
-        out = []
-        for i, rnn in enumerate(self.rnns):
-            out += [(f"rnn.{i} {name}", *rest) for name, *rest in rnn.products(rows, steps, backward)]
-        N = rows * steps
-        if self.decoder is None:
-            return out + self.loss_layer.products(N, backward, tail_rows)
-        return out + self.decoder.products(N, backward, names=("decoder [h, 1] W", "decoder dW", "decoder dlogits W^T"))
+
+def products(model, rows, steps, backward=True, tail_rows=None):
+    """(name, m, k, n, count): every matrix product of one window of ``model`` of ``steps`` steps over ``rows``
+    streams, as each layer reports it; with ``backward=False`` only the forward pass's (what
+    evaluation runs).  Under the adaptive softmax ``tail_rows`` gives the rows (targets) each tail
+    cluster receives per window."""
+    out = []
+    for i, rnn in enumerate(model.rnns):
+        out += [(f"rnn.{i} {name}", *rest) for name, *rest in rnn.products(rows, steps, backward)]
+    N = rows * steps
+    if model.decoder is None:
+        return out + model.loss_layer.products(N, backward, tail_rows)
+    return out + model.decoder.products(N, backward, names=("decoder [h, 1] W", "decoder dW", "decoder dlogits W^T"))
