@@ -216,6 +216,12 @@ def supervise_rank(echo):
             f"{signal.Signals(sig).name}{' (out of memory?)' if sig == signal.SIGKILL else ''}; the launcher "
             f"stops the other ranks. The last checkpoint is intact: rerun the same command with --resume"
         )
+        # Die of the same signal: MPICH's launcher ends the job when a rank is killed, but can take an exit
+        # status of 128 + sig for a rank that chose to stop and leave the others blocked in a collective.
+        sys.stderr.flush()
+        if sig != signal.SIGKILL:
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
         os._exit(128 + sig)
     os._exit(os.waitstatus_to_exitcode(status))
 
