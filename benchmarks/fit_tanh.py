@@ -1,4 +1,4 @@
-"""Fit the rational approximation of tanh that lmtrain/nn/fused.py uses in float32.
+"""Fit the rational approximation of tanh that lmtrain/fast/kernels.py uses in float32.
 
     python benchmarks/fit_tanh.py
 

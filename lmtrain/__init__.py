@@ -2,4 +2,4 @@
 
 from lmtrain import threads  # noqa: F401  first, before numpy loads: it sets how idle threads wait
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

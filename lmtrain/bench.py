@@ -158,7 +158,7 @@ class Bench:
     def train_against_limit(self, repeats=5):
         """Training and its limit, timed side by side: ``repeats`` rounds of one training pass and one
         pass of the same windows' matrix products alone, back to back, each product by its fastest way
-        (``fastest_way``, found once before the first round).  This machine's speed changes by a quarter
+        (``fastest_way``, found once before the first round).  A machine's speed can change by a quarter
         within seconds; both passes are timed alike, right after each other, so each round's ratio
         compares like with like, and the report takes the medians.
 

@@ -169,7 +169,10 @@ def presets(debug):
     width = max(len(name) for name, _ in rows)
     for name, about in rows:
         click.echo(f"{name:<{width}}  {about.get('corpus', '')}")
-        click.echo(f"{'':<{width}}  {about.get('model', '')}; {about.get('time', '')}; {about.get('result', '')}")
+        click.echo(
+            f"{'':<{width}}  {about.get('model', '')}; time on 2 cores: {about.get('time', '')}; "
+            f"{about.get('result', '')}"
+        )
     click.echo(f"run one with: lmtrain fit NAME (the files are in {preset.DIR})")
 
 
@@ -404,6 +407,29 @@ def _distances(text):
     return values
 
 
+def _name_error_lines(label, report, confusions=8):
+    """`probe recall --errors`: a model's wrong answers by expected name, then its most frequent confusions."""
+    head = f"{label}: {report['wrong']:,} of {report['stories']:,} answers wrong"
+    if not report["wrong"]:
+        return [head]
+    lines = [
+        head + f" ({report['speaker_answers']} of them name the speaker)",
+        f"  {'expected':>10} {'stories':>7} {'wrong':>6} {'accuracy':>8} {'answered':>8}",
+    ]
+    flawless = [name for name, r in report["names"].items() if not r["wrong"]]
+    for name, r in report["names"].items():
+        if r["wrong"]:
+            accuracy = 1 - r["wrong"] / r["stories"]
+            lines.append(f"  {name:>10} {r['stories']:>7} {r['wrong']:>6} {accuracy:>8.3f} {r['answered']:>8}")
+    if flawless:
+        lines.append(f"  no errors: {', '.join(flawless)}")
+    lines.append(
+        "  most frequent (expected -> answered): "
+        + ", ".join(f"{e} -> {w} x{c}" for e, w, c in report["confusions"][:confusions])
+    )
+    return lines
+
+
 def _say_plot(written, path):
     from lmtrain.plots import HOW_TO_PLOT
 
@@ -437,21 +463,27 @@ def probe():
     "empty state (as generate).",
 )
 @click.option("--plot", "plot_path", default="recall.png", show_default=True, help="PNG to write.")
+@click.option(
+    "--errors", "show_errors", is_flag=True, help="Also say, per model, which names it gets wrong and what it answers."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @debug_option
-def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
+def probe_recall(ckpts, distances, stories, mode, plot_path, show_errors, as_json, debug):
     """Accuracy of the name after "said hi to", per distance, on held-out stories."""
     from lmtrain.plots import plot_recall
 
     distances = _distances(distances)
-    results, paths, seeds, chance = commands.probe_recall(ckpts, distances, stories, mode)
+    results, paths, seeds, chance, errors = commands.probe_recall(ckpts, distances, stories, mode)
     accuracy = lambda rows: [r["accuracy"] for r in rows]  # noqa: E731
     if as_json:
+        models = {k: {"ckpt": paths[k], "accuracy": accuracy(v)} for k, v in results.items()}
+        for k in models if show_errors else ():
+            models[k]["errors"] = errors[k]
         click.echo(
             json.dumps(
                 {
                     "distances": distances,
-                    "models": {k: {"ckpt": paths[k], "accuracy": accuracy(v)} for k, v in results.items()},
+                    "models": models,
                     "seeds": seeds,
                     "stories": stories,
                     "mode": mode,
@@ -471,6 +503,8 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, as_json, debug):
             f"{stories} held-out stories per distance, read in {mode} mode; chance {chance:.3f}"
             + ("; min and median over the seeds of each model" if seeds else "")
         )
+        for label in errors if show_errors else ():
+            click.echo("\n" + "\n".join(_name_error_lines(label, errors[label])))
     written = plot_recall(results, plot_path, seeds)
     if not as_json:
         _say_plot(written, plot_path)

@@ -275,15 +275,18 @@ def seed_summary(results, configs, value):
 
 
 def probe_recall(ckpts, distances, stories, mode):
-    """`lmtrain probe recall`: {label: rows}, {label: ckpt path}, the seed groups' summary and chance."""
-    from lmtrain.probes import recall
+    """`lmtrain probe recall`: {label: rows}, {label: ckpt path}, the seed groups' summary, chance, and
+    {label: the names it gets wrong (probes.name_errors)}."""
+    from lmtrain.probes import name_errors, recall
 
     models = [model_from_checkpoint(load_checkpoint(path), kernels="auto") for path in ckpts]
-    results, configs, paths = {}, {}, {}
+    results, configs, paths, errors = {}, {}, {}, {}
     for label, (model, vocab, cfg), path in zip(labels([(m[2], p) for m, p in zip(models, ckpts)]), models, ckpts):
-        results[label], configs[label], paths[label] = recall(model, vocab, cfg, distances, stories, mode), cfg, path
+        answers = []
+        results[label] = recall(model, vocab, cfg, distances, stories, mode, answers)
+        configs[label], paths[label], errors[label] = cfg, path, name_errors(answers)
     seeds = seed_summary(results, configs, lambda rows: [r["accuracy"] for r in rows])
-    return results, paths, seeds, next(iter(results.values()))[0]["chance"]
+    return results, paths, seeds, next(iter(results.values()))[0]["chance"], errors
 
 
 def probe_gradflow(ckpts, configs, init_only, overrides, seeds, steps, batches, split):

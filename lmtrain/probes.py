@@ -2,7 +2,8 @@
 
 recall: on held-out stories of the built-in corpus, how often the model ranks
     the right name first after "said hi to", per distance (distractor tokens
-    between the name and the question).
+    between the name and the question); name_errors says which names it gets
+    wrong, and what it answers instead.
 gradflow: for a loss at the last step of a window, the norm of its gradient
     with respect to the hidden state (and the LSTM's cell state) k steps
     earlier, averaged over windows of real data, and the fitted per-step
@@ -10,6 +11,7 @@ gradflow: for a loss at the last step of a window, the norm of its gradient
 """
 
 import json
+from collections import Counter
 
 import numpy as np
 
@@ -39,8 +41,9 @@ def _story_ids(vocab, tokens):
     return vocab.encode([vocab.normalize(t) for t in tokens])
 
 
-def stream_hits(model, vocab, stories):
-    """Stories read one after another, state carried, as in training: correct answers after the first story."""
+def stream_answers(model, vocab, stories):
+    """The model's first-ranked word after "said hi to" in every story but the first (which has no context),
+    the stories read one after another with the state carried, as in training."""
     ids, answers = [vocab.eos_id], []
     for tokens, answer in stories:
         answers.append(len(ids) + answer)
@@ -54,25 +57,27 @@ def stream_hits(model, vocab, stories):
         on_window=lambda w: preds.append(to_numpy(model.scores(w.out).argmax(axis=1))),
     )
     preds = np.concatenate(preds)
-    return sum(int(preds[p - 1] == ids[p]) for p in answers[1:])  # the first story has no context
+    return [vocab.words[int(preds[p - 1])] for p in answers[1:]]
 
 
-def _prompt_hits(model, vocab, stories):
-    """Each story alone from an empty state, after <eos>, as `lmtrain generate` reads a prompt."""
-    hits = 0
+def _prompt_answers(model, vocab, stories):
+    """The first-ranked word after "said hi to" in each story read alone from an empty state, after <eos>, as
+    `lmtrain generate` reads a prompt."""
+    out = []
     for tokens, answer in stories:
         prompt = [vocab.eos_id] + list(_story_ids(vocab, tokens[:answer]))
         logits, _ = feed(model, prompt, model.init_state(1))
-        hits += vocab.words[int(np.argmax(logits))] == vocab.normalize(tokens[answer])
-    return hits
+        out.append(vocab.words[int(np.argmax(logits))])
+    return out
 
 
-def recall(model, vocab, cfg, distances, n=200, mode="stream"):
+def recall(model, vocab, cfg, distances, n=200, mode="stream", answers=None):
     """[{distance, accuracy, stories, chance}] for a model trained on the built-in corpus.
 
     ``mode`` "stream": the held-out stories are read in sequence with the
     state carried, as the model was trained and as perplexity is measured;
     "prompt": each story alone from an empty state, as `lmtrain generate`.
+    ``answers``, a list, receives (expected name, answered word, speaker) for every scored story.
     """
     if cfg.data.source != "synthetic":
         raise LmtrainError(
@@ -84,13 +89,38 @@ def recall(model, vocab, cfg, distances, n=200, mode="stream"):
     rows = []
     for d in distances:
         if mode == "stream":
-            hits = stream_hits(model, vocab, held_out_stories(synth, d, n + 1, train))
+            stories = held_out_stories(synth, d, n + 1, train)
+            got, stories = stream_answers(model, vocab, stories), stories[1:]
         else:
-            hits = _prompt_hits(model, vocab, held_out_stories(synth, d, n, train))
+            stories = held_out_stories(synth, d, n, train)
+            got = _prompt_answers(model, vocab, stories)
+        # In "a ... b came into ... b said hi to a", the speaker b is four tokens before the answer a.
+        scored = [(vocab.normalize(t[a]), word, vocab.normalize(t[a - 4])) for (t, a), word in zip(stories, got)]
+        hits = sum(expected == word for expected, word, _ in scored)
+        if answers is not None:
+            answers.extend(scored)
         rows.append(
             {"distance": d, "accuracy": hits / n, "stories": n, "mode": mode, "chance": 1.0 / (synth.num_names - 1)}
         )
     return rows
+
+
+def name_errors(answers):
+    """Which names a model gets wrong: from ``recall``'s (expected, answered, speaker) triples,
+    {"stories", "wrong", "speaker_answers" (wrong answers that name the speaker: roles swapped),
+    "names": {expected name: {"stories", "wrong", "answered" (how often the model gave this name)}}, worst first,
+    "confusions": [(expected, answered, count)], most frequent first}."""
+    wrong = [(e, w, s) for e, w, s in answers if e != w]
+    told, missed, given = Counter(e for e, _, _ in answers), Counter(e for e, _, _ in wrong), Counter()
+    given.update(w for _, w, _ in answers)
+    order = sorted(told, key=lambda name: (-missed[name] / told[name], name))
+    return {
+        "stories": len(answers),
+        "wrong": len(wrong),
+        "speaker_answers": sum(w == s for _, w, s in wrong),
+        "names": {name: {"stories": told[name], "wrong": missed[name], "answered": given[name]} for name in order},
+        "confusions": [(e, w, c) for (e, w), c in Counter((e, w) for e, w, _ in wrong).most_common()],
+    }
 
 
 def seed_groups(configs):

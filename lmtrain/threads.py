@@ -2,8 +2,8 @@
 
 Imported by ``lmtrain/__init__.py``, so before numpy loads OpenBLAS: OpenBLAS's worker threads busy-wait
 for about 2^28 cycles (~0.1 s) after every product before they sleep, holding a core that the passes
-lmtrain splits over threads right after a product (the softmax after the decoder, the update) need: on
-2 cores those passes ran almost 2x slower.  2^16 cycles still spans the gap between one time step's
+lmtrain splits over threads right after a product (the softmax after the decoder, the update) need, so
+on a machine with few cores those passes wait for it.  2^16 cycles still spans the gap between one time step's
 product and the next.  OpenBLAS reads the variable when numpy loads, so it takes effect when lmtrain
 is imported first (the CLI always is); a value already set wins.  GNU OpenMP's threads, which run the
 fast path's self-splitting kernels, get the same treatment: its default of 300,000 spins holds a core

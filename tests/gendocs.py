@@ -2,6 +2,7 @@
 
 from lmtrain.config import reference_table, safe_keys_table
 from lmtrain.nn.layout import table as parameter_table
+from lmtrain.preset import table as preset_table
 from tests.bad_inputs import markdown
 
 MARK = "<!-- the table below is generated: make docs -->\n"
@@ -21,6 +22,7 @@ def replace_table(path, table, mark=MARK):
 
 
 if __name__ == "__main__":
+    replace_table("README.md", preset_table())
     replace_table("docs/configuration.md", reference_table())
     replace_table("docs/checkpoint-format.md", parameter_table())
     replace_table("docs/reliability.md", markdown())

@@ -30,7 +30,7 @@ def test_stream_mode_scores_the_answer_positions():
     """A stand-in model that predicts the true next token scores every story but the first; an off-by-one one, 0."""
     from lmtrain.config import SyntheticConfig
     from lmtrain.data.vocab import Vocab
-    from lmtrain.probes import stream_hits
+    from lmtrain.probes import stream_answers
 
     stories = held_out_stories(SyntheticConfig(), 4, 30, set())
     vocab = Vocab(["<eos>", "<unk>"] + sorted({w for t, _ in stories for w in t}))
@@ -63,8 +63,30 @@ def test_stream_mode_scores_the_answer_positions():
         def weights_held(self):
             return contextlib.nullcontext()
 
-    assert stream_hits(StandIn(0), vocab, stories) == len(stories) - 1
-    assert stream_hits(StandIn(1), vocab, stories) == 0
+    expected = [t[a] for t, a in stories[1:]]
+    assert stream_answers(StandIn(0), vocab, stories) == expected
+    assert all(got != e for got, e in zip(stream_answers(StandIn(1), vocab, stories), expected))
+
+
+def test_name_errors_count_by_expected_name_and_confusion():
+    from lmtrain.probes import name_errors
+
+    answers = [("sara", "lily", "tom"), ("sara", "sara", "tom"), ("lily", "sara", "bob"), ("tom", "sara", "sara")]
+    answers += [("bob", "bob", "tom")] * 3
+    r = name_errors(answers)
+    assert (r["stories"], r["wrong"], r["speaker_answers"]) == (7, 3, 1)
+    assert list(r["names"]) == ["lily", "tom", "sara", "bob"]  # worst first: 1/1, 1/1, 1/2, 0/3
+    assert r["names"]["sara"] == {"stories": 2, "wrong": 1, "answered": 3}
+    assert sorted(r["confusions"]) == [("lily", "sara", 1), ("sara", "lily", 1), ("tom", "sara", 1)]
+    from lmtrain.cli import _name_error_lines
+
+    lines = _name_error_lines("lstm", r)
+    assert lines[0] == "lstm: 3 of 7 answers wrong (1 of them name the speaker)"
+    assert lines[-2:] == [
+        "  no errors: bob",
+        "  most frequent (expected -> answered): sara -> lily x1, lily -> sara x1, tom -> sara x1",
+    ]
+    assert _name_error_lines("gru", name_errors(answers[-3:])) == ["gru: 0 of 3 answers wrong"]
 
 
 def test_probe_stories_are_held_out():
@@ -92,11 +114,15 @@ def test_recall_probe_command_and_json(small_run, tmp_path, mode):
         tmp_path / "r.png",
         "--mode",
         mode,
+        "--errors",
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["distances"] == [0, 3] and out["stories"] == 20 and out["mode"] == mode
     accuracy = next(iter(out["models"].values()))["accuracy"]
+    errors = next(iter(out["models"].values()))["errors"]
+    assert errors["stories"] == 40 and errors["wrong"] == round(sum(20 * (1 - a) for a in accuracy))
+    assert sum(r["wrong"] for r in errors["names"].values()) == errors["wrong"]
     from lmtrain.build import model_from_checkpoint
     from lmtrain.checkpoint import load_checkpoint
     from lmtrain.probes import recall

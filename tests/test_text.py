@@ -86,11 +86,14 @@ def test_the_reading_is_part_of_the_cache_key_and_the_vocabulary():
 def test_a_preset_runs_by_name_and_presets_lists_them():
     code, out, _ = run_main(["presets"])
     assert code == 0 and "quickstart" in out and "ptb-dlfs2" in out and "own-text" in out
-    from lmtrain.preset import about, names
+    from lmtrain.preset import about, names, table
+    from tests.conftest import ROOT
 
     assert all(set(about(name)) == {"corpus", "model", "time", "result"} for name in names())
+    assert table() in (ROOT / "README.md").read_text()  # the README's table is regenerated: make docs
     code, out, err = run_main(["fit", "quickstart", "--set", "train.max_steps=3", "--set", "train.epochs=1", "--quiet"])
-    assert code == 0, err and os.path.isfile("runs/quickstart/checkpoints/best.npz")
+    assert code == 0, err
+    assert os.path.isfile("runs/quickstart/checkpoints/best.npz")
 
 
 def test_resume_a_run_directory_with_its_own_config(tiny_config):

@@ -1,5 +1,5 @@
-"""The tokenizers (lmtrain/data/tokenize.py): ``whitespace`` is today's format token for token, ``words`` follows
-the documented rule.  Every expected token list is written out literally."""
+"""The tokenizers (lmtrain/data/tokenize.py): ``whitespace`` reads text token for token as lmtrain read it before
+``words`` existed, and ``words`` follows the documented rule.  Every expected token list is written out literally."""
 
 import pytest
 

@@ -58,8 +58,8 @@ from numba.extending import overload
 kernel = functools.partial(njit, cache=True, nogil=True, error_model="numpy")
 inline = functools.partial(njit, error_model="numpy")  # small enough that LLVM inlines them
 # Polynomials in Horner's form are chains of a * x + b: as separate instructions each link waits for two
-# results, as one FMA for one, and the vectorised exp32 took 0.78 ns an element against 0.36 ns with
-# FMAs (one core; tanh32 0.70 against 0.49).  "contract" allows exactly that fusion and nothing else;
+# results, as one FMA for one, so FMAs shorten the chain that bounds exp32's and tanh32's speed (and
+# round once instead of twice).  "contract" allows exactly that fusion and nothing else;
 # the flag stays on these functions' own instructions where LLVM inlines them into a kernel.
 polynomial = functools.partial(njit, error_model="numpy", fastmath={"contract"})
 
@@ -157,7 +157,7 @@ def _sigmoid(x):
 # ---------------------------------------------------------------------------
 # Each kernel is a few simple loops per row over slices that start at 0, one per gate block:
 # - with many arrays read and written in one loop, LLVM cannot prove they do not overlap and leaves it
-#   scalar (3.4x slower at B = 20, H = 650);
+#   scalar, several times slower;
 # - an index with an offset (``a[3 * H + j]``) may be negative as far as LLVM knows, and numba wraps
 #   negative indices, which keeps the loop scalar too: the g gate's tanh loop, written that way, took
 #   half of the LSTM step.
@@ -282,15 +282,14 @@ def rnn_step_backward(h, dh_out, dh_next, da):
 # ---------------------------------------------------------------------------
 # the product of one time step with W_h, at small batches (fast/layers.StepProducts calls it)
 # ---------------------------------------------------------------------------
-# A step multiplies the batch's few rows by W_h: (B, H) x (H, 4H) forward, (B, 4H) x (4H, H) backward.
-# OpenBLAS copies W_h into its own blocked layout on every call, and at B <= 20 rows that copy and its
-# thread hand-over cost as much as the arithmetic (at H = 650, B = 2-5 it is 2.5-4x slower than this
-# kernel).  Here every output is the dot product of two contiguous rows, W_h^T being laid out once per
-# window (``transpose_into``); four batch rows and three weight rows at a time give twelve sums that
-# share their loads.  These are the only kernels that reorder sums (``reassoc``, so that LLVM can keep
-# vector-wide partial sums; no ``nnan``, so a NaN still gets through): a product's last bits differ from
-# BLAS's, as BLAS's differ between machines.  Each output is one thread's, summed in a fixed order, so
-# the results repeat to the bit.
+# A step multiplies the batch's few rows by W_h: (B, H) x (H, 4H) forward, (B, 4H) x (4H, H) backward. OpenBLAS copies
+# W_h into its own blocked layout on every call, and at B <= 20 rows that copy and its thread hand-over cost as much as
+# the arithmetic (``lmtrain bench`` times BLAS and this kernel at a config's shapes: product_ways in lmtrain/bench.py).
+# Here every output is the dot product of two contiguous rows, W_h^T being laid out once per window
+# (``transpose_into``); four batch rows and three weight rows at a time give twelve sums that share their loads.  These
+# are the only kernels that reorder sums (``reassoc``, so that LLVM can keep vector-wide partial sums; no ``nnan``, so a
+# NaN still gets through): a product's last bits differ from BLAS's, as BLAS's differ between machines.  Each output is
+# one thread's, summed in a fixed order, so the results repeat to the bit.
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def matmul_t(x, wt, out):
     """out = x @ wt.T for x (B, K) and wt (N, K), rows contiguous; threads share the N output columns."""
@@ -351,9 +350,9 @@ def transpose_into(w, out):
 # between them while the threads wait; and the cell's element-wise work runs on one core.  Here the whole
 # loop is one call: per step the product (split over the threads by weight rows) and then the cell
 # (split by batch rows where the step has at least PARALLEL_CELL units), the same arithmetic in the same
-# order, so the result is the same to the bit.  Splitting the cell costs a few microseconds of hand-over:
-# at B x H = 20 x 100 (10 us of cell work) that made an evaluation window 2-2.5% slower, at 20 x 650 it made
-# one 5.5% faster (docs/performance.md).
+# order, so the result is the same to the bit.  Splitting the cell costs a few microseconds of hand-over,
+# more than a small step's cell work and less than a large one's: PARALLEL_CELL is between the two
+# (``lmtrain bench --layers`` shows the cell's share of a window; docs/performance.md).
 PARALLEL_CELL = 8192
 
 
@@ -479,8 +478,8 @@ def nll_rows(logits, targets, nll):
 # ---------------------------------------------------------------------------
 @kernel
 def add_rows(out, ids, rows):
-    """Embedding.backward's sum over repeated words: out[ids[n]] += rows[n], n in order.  numpy needs a
-    sort and a segmented sum for it (2.1 ms at 700 ids x 650 columns, 0.1-0.2 ms here)."""
+    """Embedding.backward's sum over repeated words: out[ids[n]] += rows[n], n in order, in one pass where
+    numpy needs a sort and a segmented sum (``lmtrain bench --layers`` times the embedding's backward)."""
     for n in range(ids.shape[0]):
         o, r = out[ids[n]], rows[n]
         for j in range(o.shape[0]):
