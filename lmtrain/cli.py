@@ -477,8 +477,9 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, show_errors, as_jso
     accuracy = lambda rows: [r["accuracy"] for r in rows]  # noqa: E731
     if as_json:
         models = {k: {"ckpt": paths[k], "accuracy": accuracy(v)} for k, v in results.items()}
-        for k in models if show_errors else ():
-            models[k]["errors"] = errors[k]
+        if show_errors:
+            for k in models:
+                models[k]["errors"] = errors[k]
         click.echo(
             json.dumps(
                 {
@@ -503,8 +504,9 @@ def probe_recall(ckpts, distances, stories, mode, plot_path, show_errors, as_jso
             f"{stories} held-out stories per distance, read in {mode} mode; chance {chance:.3f}"
             + ("; min and median over the seeds of each model" if seeds else "")
         )
-        for label in errors if show_errors else ():
-            click.echo("\n" + "\n".join(_name_error_lines(label, errors[label])))
+        if show_errors:
+            for label in errors:
+                click.echo("\n" + "\n".join(_name_error_lines(label, errors[label])))
     written = plot_recall(results, plot_path, seeds)
     if not as_json:
         _say_plot(written, plot_path)

@@ -111,8 +111,8 @@ def name_errors(answers):
     "names": {expected name: {"stories", "wrong", "answered" (how often the model gave this name)}}, worst first,
     "confusions": [(expected, answered, count)], most frequent first}."""
     wrong = [(e, w, s) for e, w, s in answers if e != w]
-    told, missed, given = Counter(e for e, _, _ in answers), Counter(e for e, _, _ in wrong), Counter()
-    given.update(w for _, w, _ in answers)
+    told, missed = Counter(e for e, _, _ in answers), Counter(e for e, _, _ in wrong)
+    given = Counter(w for _, w, _ in answers)
     order = sorted(told, key=lambda name: (-missed[name] / told[name], name))
     return {
         "stories": len(answers),
